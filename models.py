@@ -35,7 +35,8 @@ def timestep_embedding(t, dim, max_period=10_000.0):
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
 
-MODELS = {}  # name -> class; each class has a PRESETS dict with at least "tiny"
+MODELS = {  # name -> class; each class has a PRESETS dict with at least "tiny"
+}
 
 
 def make_model(name, size="tiny", **kw):
