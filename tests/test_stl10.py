@@ -1,0 +1,215 @@
+"""train_stl10.py on real photos written in the official STL-10 binary layout, and evaluate.py on its checkpoints.
+
+There is no STL-10 offline, so the tests write small files in the exact official format (uint8, each image 3 x 96 x
+96 channel by channel in column-major order, labels 1..10, class_names.txt) from 96x96 crops of the ten real colour
+photographs that scikit-image and scikit-learn ship, one photograph per class, and read them back through the
+real loader.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_stl10
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTOS = [  # (class name, loader); one real photograph per class
+    ("astronaut", "skimage:astronaut"),
+    ("cat", "skimage:chelsea"),
+    ("coffee", "skimage:coffee"),
+    ("rocket", "skimage:rocket"),
+    ("motorcycle", "skimage:stereo_motorcycle"),
+    ("galaxy", "skimage:hubble_deep_field"),
+    ("retina", "skimage:retina"),
+    ("tissue", "skimage:immunohistochemistry"),
+    ("palace", "sklearn:china.jpg"),
+    ("flower", "sklearn:flower.jpg"),
+]
+
+
+def load_photo(source, short_side=144):
+    """A shipped photograph as uint8 (3, H, W), resized (antialiased) so that its short side is `short_side`."""
+    kind, name = source.split(":")
+    if kind == "skimage":
+        from skimage import data
+
+        image = getattr(data, name)()
+        image = image[0] if isinstance(image, tuple) else image  # stereo_motorcycle: (left, right, disparity)
+    else:
+        from sklearn.datasets import load_sample_image
+
+        image = load_sample_image(name)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    scale = short_side / min(x.shape[-2:])
+    size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x[0].round().clamp(0, 255).byte()
+
+
+def photo_crops(n_per_class, seed):
+    """(images uint8 (10 n, 3, 96, 96), labels 0..9): random 96x96 crops, n per photograph."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for k, (_, source) in enumerate(PHOTOS):
+        photo = load_photo(source)
+        for _ in range(n_per_class):
+            top, left = rng.integers(0, photo.shape[1] - 95), rng.integers(0, photo.shape[2] - 95)
+            images.append(photo[:, top : top + 96, left : left + 96])
+            labels.append(k)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def write_split(root, split, images, labels=None):
+    """Write {split}_X.bin (and {split}_y.bin, labels 0..9 stored as 1..10) exactly as the official release does."""
+    os.makedirs(root, exist_ok=True)
+    images.numpy().transpose(0, 1, 3, 2).tofile(os.path.join(root, f"{split}_X.bin"))  # (N, C, W, H): column-major
+    if labels is not None:
+        (labels.numpy() + 1).astype(np.uint8).tofile(os.path.join(root, f"{split}_y.bin"))
+
+
+def write_photo_stl10(data_dir, n_train=8, n_test=8, n_unlabeled=10, seed=0):
+    """DATA_DIR/stl10_binary from photo crops: train, test (other crops of the same photographs), unlabeled."""
+    root = os.path.join(data_dir, "stl10_binary")
+    train = photo_crops(n_train, seed)
+    write_split(root, "train", *train)
+    write_split(root, "test", *photo_crops(n_test, seed + 1))
+    write_split(root, "unlabeled", photo_crops(max(1, n_unlabeled // 10), seed + 2)[0])
+    with open(os.path.join(root, "class_names.txt"), "w") as f:
+        f.write("\n".join(name for name, _ in PHOTOS) + "\n")
+    return train
+
+
+@pytest.fixture(scope="module")
+def photo_data(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("stl10"))
+    train = write_photo_stl10(data_dir, n_train=8, n_test=4)
+    return data_dir, train
+
+
+def run(args, cwd=ROOT, check=True, timeout=600):
+    """Run a command in a subprocess (the scripts' real entry points); returns the completed process."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train(data_dir, out_dir, *extra):
+    args = [sys.executable, "train_stl10.py", f"data_dir={data_dir}", f"out_dir={out_dir}", "size=tiny"]
+    args += ["image_size=32", "batch_size=8", "grad_accum=2", "patch=4", "sample_steps=10", "grid_cols=2"]
+    return run(args + ["log_every=1", "mixed_precision=no", *extra])
+
+
+def losses(out_dir):
+    import json
+
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loader reads the official layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_loader_reads_official_layout(photo_data):
+    data_dir, (images, labels) = photo_data
+    x, y, names = train_stl10.load_dataset(data_dir, "train")
+    assert x.dtype == torch.uint8 and x.shape == (80, 3, 96, 96)
+    assert torch.equal(y, labels) and y.min() == 0 and y.max() == 9
+    assert torch.equal(x, images)  # orientation: rows stay rows (the files are column-major)
+    assert names[1] == "cat" and len(names) == 10
+    raw = np.fromfile(os.path.join(data_dir, "stl10_binary", "train_X.bin"), dtype=np.uint8)
+    assert raw.size == 80 * 3 * 96 * 96
+    assert np.array_equal(raw[:96], x[0, 0, :, 0].numpy())  # the official files run down the first column first
+    assert not torch.equal(x[0, 0, :, 0], x[0, 0, 0, :])
+    z = train_stl10.to_model_range(x[:4], 96)
+    assert z.min() >= -1 and z.max() <= 1 and z.min() < -0.5 and z.max() > 0.5
+    assert train_stl10.to_model_range(x[:4], 32).shape == (4, 3, 32, 32)
+    xu, yu, _ = train_stl10.load_dataset(data_dir, "train", unlabeled=True)
+    assert len(xu) == 90 and (yu == -1).sum() == 10
+
+
+def test_missing_and_truncated_files_die(photo_data, tmp_path):
+    data_dir, _ = photo_data
+    with pytest.raises(SystemExit, match="data_dir="):
+        train_stl10.load_dataset(str(tmp_path / "nothing"), "train")
+    root = tmp_path / "stl10_binary"
+    root.mkdir()
+    src = os.path.join(data_dir, "stl10_binary")
+    (root / "train_X.bin").write_bytes(open(os.path.join(src, "train_X.bin"), "rb").read()[:-100])
+    (root / "train_y.bin").write_bytes(open(os.path.join(src, "train_y.bin"), "rb").read())
+    with pytest.raises(SystemExit, match="truncated"):
+        train_stl10.load_dataset(str(tmp_path), "train")
+    (root / "train_X.bin").write_bytes(open(os.path.join(src, "train_X.bin"), "rb").read()[: 96 * 96 * 3 * 79])
+    with pytest.raises(SystemExit, match="truncated"):
+        train_stl10.load_dataset(str(tmp_path), "train")
+    os.remove(root / "train_y.bin")
+    with pytest.raises(SystemExit, match="train_y.bin is missing"):
+        train_stl10.load_dataset(str(tmp_path), "train")
+
+
+def test_bad_overrides_give_one_line_errors(photo_data, tmp_path):
+    data_dir, _ = photo_data
+    proc = run([sys.executable, "train_stl10.py", f"data_dir={data_dir}", "model=unte"], check=False)
+    assert proc.returncode != 0 and "model='unte'" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run([sys.executable, "train_stl10.py", f"data_dir={tmp_path}/none", "download=false"], check=False)
+    assert proc.returncode != 0 and "data_dir=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end (subprocess): every model= and cond=, resume, two processes, evaluate.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model,cond", [("unet", "class"), ("dit", "class"), ("uvit", "class"), ("unet", "text"), ("dit", "none")]
+)
+def test_end_to_end(photo_data, tmp_path, model, cond):
+    data_dir, _ = photo_data
+    out = str(tmp_path / "run")
+    proc = train(data_dir, out, f"model={model}", f"cond={cond}", "max_steps=30", "lr=2e-3", "sample_every=30")
+    if cond == "text":
+        assert "table (11, 384)" in proc.stdout and "0 active" not in proc.stdout
+    curve = losses(out)
+    assert np.mean(curve[-5:]) < 0.8 * np.mean(curve[:5]), curve
+    for kind in ("grid", "collage", "recon", "loss_bins") + (("embeddings",) if cond != "none" else ()):
+        assert os.path.isfile(os.path.join(out, "samples", f"step_0000030_{kind}.png")), kind
+    ev = run([sys.executable, "evaluate.py", out, "n_samples=6", "n_real=20", "sample_steps=4", "batch=3"])
+    assert "FD-EffNet" in ev.stdout and os.path.isfile(os.path.join(out, "step_0000030", "eval_images.json"))
+    if cond == "none":
+        proc = run([sys.executable, "evaluate.py", out, "guidance=2"], check=False)
+        assert proc.returncode != 0 and "unconditional" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_and_init_from(photo_data, tmp_path):
+    from safetensors.torch import load_file
+
+    data_dir, _ = photo_data
+    common = ["max_steps=6", "sample_every=-1", "ckpt_every=3", "model=unet", "cond=class"]
+    train(data_dir, str(tmp_path / "straight"), *common)
+    train(data_dir, str(tmp_path / "halves"), *common[1:], "max_steps=3")
+    train(data_dir, str(tmp_path / "halves"), *common, "resume=auto")
+    for name in ("model", "ema"):
+        a = load_file(str(tmp_path / "straight" / "step_0000006" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "halves" / "step_0000006" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    proc = train(data_dir, str(tmp_path / "tuned"), *common, "max_steps=2", f"init_from={tmp_path / 'straight'}")
+    assert "weights from" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_train(photo_data, tmp_path):
+    data_dir, _ = photo_data
+    out = str(tmp_path / "ddp")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_stl10.py"]
+    args += [f"data_dir={data_dir}", f"out_dir={out}", "size=tiny", "image_size=32", "batch_size=8", "grad_accum=2"]
+    run(args + ["max_steps=4", "log_every=2", "sample_every=-1", "mixed_precision=no"])
+    assert len(losses(out)) == 2 and os.path.isfile(os.path.join(out, "step_0000004", "ema.safetensors"))

