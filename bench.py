@@ -22,6 +22,38 @@ import models
 # samplers
 # ----------------------------------------------------------------------------------------------------------------
 
+SAMPLER_MIXTURE = dict(weights=[0.5, 0.3, 0.2], means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.3, 0.5, 0.2])
+
+
+def bench_samplers(argv):
+    """Distribution error (GaussianMixture.error: max of weight, mean / std and relative std errors) against NFE for
+    every sampler and schedule, driven by the mixture's closed-form optimal denoiser (v-prediction)."""
+    cfg = common.apply_overrides({"N": 50_000, "OUT_DIR": "."}, argv)  # samples; folder for the JSON
+    n, out_dir = cfg["n"], cfg["out_dir"]
+    mixture = common.GaussianMixture(**SAMPLER_MIXTURE)
+    floor = mixture.error(mixture.sample(n, torch.Generator().manual_seed(0)))["max"]
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    nfes, rows = (5, 10, 20, 50), []
+    for kind in common.Schedule.KINDS:
+        schedule = common.Schedule(kind)
+        denoise = common.make_denoiser(mixture.model(schedule, "v"), schedule, "v")
+        for name in common.SAMPLERS:
+            row = {"schedule": kind, "sampler": name, "error": {}}
+            for nfe in nfes:
+                steps = (nfe + 1) // 2 if name == "heun" else nfe  # heun: 2 * steps - 1 evaluations
+                x = common.sample(name, denoise, noise, steps, schedule, generator=torch.Generator().manual_seed(2))
+                row["error"][nfe] = mixture.error(x)["max"]
+            rows.append(row)
+    print(f"distribution error vs NFE, {n} samples (exact samples score {floor:.4f}); heun uses 2*steps-1 <= NFE")
+    print(f"{'schedule':<8} {'sampler':<9} " + " ".join(f"{'NFE ' + str(k):>8}" for k in nfes))
+    for r in rows:
+        print(f"{r['schedule']:<8} {r['sampler']:<9} " + " ".join(f"{r['error'][k]:>8.4f}" for k in nfes))
+    path = os.path.join(out_dir, "bench_samplers.json")
+    with open(path, "w") as f:
+        json.dump({"n": n, "exact_samples_error": floor, "mixture": SAMPLER_MIXTURE, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # arc
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +207,7 @@ def bench_models(argv):
 
 
 BENCHES = {  # name -> function(argv)
+    "samplers": bench_samplers,
     "models": bench_models,
 }
 

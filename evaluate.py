@@ -130,7 +130,7 @@ def kernel_inception_distance(f1, f2, subset=1000, n_subsets=100, seed=0):
     for _ in range(n_subsets):
         x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
         kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731
+        off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))
         values.append(off(kxx) + off(kyy) - 2 * kxy.mean())
     return float(np.mean(values))
 

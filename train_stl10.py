@@ -230,7 +230,7 @@ def guided_denoiser(model, labels, config, table, scale, schedule):
     """denoise(x, t) -> (x0, eps) for class ids `labels` (B,), with classifier-free guidance at `scale`."""
     k = config["n_classes"]
     if config["cond"] == "none":
-        fn = lambda x, t: model(x, t)  # noqa: E731
+        fn = lambda x, t: model(x, t)
     else:
         cond, null = (
             make_cond(labels, config["cond"], table),
@@ -281,7 +281,7 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
     noise = seeded_noise(range(len(labels)), (3, size, size), dev)  # seed per cell
     denoise = guided_denoiser(ema_model, labels, config, table, config["guidance"], schedule)
     trajectory, marks = [], set(np.linspace(0, config["sample_steps"] - 1, 6).round().astype(int).tolist())
-    keep = lambda i, t, x, x0: trajectory.append(x0[::GRID_COLS][: min(len(rows), 6)]) if i in marks else None  # noqa: E731
+    keep = lambda i, t, x, x0: trajectory.append(x0[::GRID_COLS][: min(len(rows), 6)]) if i in marks else None
     gen = torch.Generator(device=dev).manual_seed(SEED)
     x = common.sample(config["sampler"], denoise, noise, config["sample_steps"], schedule, generator=gen, callback=keep)
     common.save_image_grid(x, prefix + "_grid.png", nrow=GRID_COLS)
