@@ -58,6 +58,85 @@ def bench_samplers(argv):
 # arc
 # ----------------------------------------------------------------------------------------------------------------
 
+ARC_BENCH = {  # key=value overrides of `python bench.py arc`
+    "BATCH": -1,  # ARC pairs per training step; -1: 128 on GPU (the recipe's batch), 8 on CPU
+    "GRID": 30,  # padded grid side, as in train_arc.py
+    "ITERS": 3,  # timed steps per preset (after one warm-up)
+    "SIZES": ("tiny", "toiny", "smol", "mediom", "lorge"),  # presets to run
+    "OUT_DIR": ".",  # where bench_arc.json goes
+}
+
+
+def _arc_one(args):
+    """One ARC preset in a fresh process: training examples/s (noising, self-conditioning, forward, backward,
+    AdamW) on real ARC-AGI-1 training pairs, and peak memory."""
+    import resource
+
+    import train_arc
+
+    size, batch, grid, iters = args
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    task_ids, pairs, _ = train_arc.split_examples(train_arc.load_tasks("arc1"), "eval", grid, -1)
+    data = {k: v.to(dev) for k, v in train_arc.to_tensors(pairs, grid).items()}
+    net = models.make_model("arc", size, n_tasks=len(task_ids), grid=grid).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+    def train_step():
+        idx = torch.randint(0, len(pairs), (batch,), generator=gen, device=dev)
+        with autocast:
+            loss = train_arc.training_loss(net, data, idx, gen)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_step()  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        train_step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t0) / iters
+    if dev.type == "cuda":
+        mem = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    return {"size": size, "params_m": params, "train_examples_s": batch / step_s, "peak_mem_mib": mem}
+
+
+def bench_arc(argv):
+    """ARC denoiser presets at the train_arc.py configuration (GRID x GRID pairs, 4 + 2 GRID^2 tokens): training
+    examples/s and peak memory (CUDA allocated, or on CPU the growth of the process's peak RSS), each preset in a
+    fresh process. Self-conditioning runs on about half the steps, as in training."""
+    import multiprocessing
+
+    opts = common.apply_overrides(dict(ARC_BENCH, __doc__=bench_arc.__doc__), argv)
+    unknown = [s for s in opts["sizes"] if s not in models.ArcDenoiser.PRESETS]
+    if unknown:
+        common.die(f"sizes={unknown}: choose from {', '.join(models.ArcDenoiser.PRESETS)}")
+    batch = opts["batch"] if opts["batch"] > 0 else (128 if torch.cuda.is_available() else 8)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"arc: {opts['grid']}x{opts['grid']} grids, batch {batch}, {device}", flush=True)
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for size in opts["sizes"]:
+        with ctx.Pool(1) as pool:
+            rows.append(pool.map(_arc_one, [(size, batch, opts["grid"], opts["iters"])])[0])
+        r = rows[-1]
+        print(f"{size:<8}{r['params_m']:>7.1f}M {r['train_examples_s']:>9.2f} examples/s {r['peak_mem_mib']:>7.0f} MiB")
+    path = os.path.join(opts["out_dir"], "bench_arc.json")
+    with open(path, "w") as f:
+        json.dump({"batch": batch, "device": device, **opts, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,6 +287,7 @@ def bench_models(argv):
 
 BENCHES = {  # name -> function(argv)
     "samplers": bench_samplers,
+    "arc": bench_arc,
     "models": bench_models,
 }
 

@@ -82,6 +82,11 @@ def _coerce(key, raw, default):
         value = tuple(value)
     if isinstance(default, tuple) and not isinstance(value, tuple):
         value = (value,)
+    if isinstance(default, tuple) and default and isinstance(value, tuple):
+        kind = type(default[0])  # elements follow the default's first element, with int -> float
+        value = tuple(float(v) if kind is float and type(v) is int else v for v in value)
+        if not all(type(v) is kind for v in value):
+            die(f"{key.lower()}={raw!r}: expected a tuple of {kind.__name__} like {default!r}")
     if type(value) is not type(default):
         die(f"{key.lower()}={raw!r}: expected {type(default).__name__} like {default!r}, got {type(value).__name__}")
     return value

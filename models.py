@@ -146,11 +146,11 @@ class ArcDenoiser(nn.Module):
     """
 
     PRESETS = {
-        "tiny": dict(d_model=64, n_layers=2, n_heads=4),
-        "toiny": dict(d_model=320, n_layers=3, n_heads=5),
-        "smol": dict(d_model=384, n_layers=4, n_heads=6),
-        "mediom": dict(d_model=640, n_layers=6, n_heads=10),
-        "lorge": dict(d_model=896, n_layers=10, n_heads=14),
+        "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4},
+        "toiny": {"d_model": 320, "n_layers": 3, "n_heads": 5},
+        "smol": {"d_model": 384, "n_layers": 4, "n_heads": 6},
+        "mediom": {"d_model": 640, "n_layers": 6, "n_heads": 10},
+        "lorge": {"d_model": 896, "n_layers": 10, "n_heads": 14},
     }
 
     def __init__(

@@ -16,6 +16,7 @@ Expected: smol on ARC-AGI-1 evaluation, pass@2 about 16% with two samples and ab
 """
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -225,17 +226,30 @@ def d4_index(d4, size, grid):
     return torch.where(tr, bc, br), torch.where(tr, br, bc), new
 
 
+@functools.lru_cache(maxsize=4)
+def d4_table(grid, device):
+    """(8, G, G, G*G): for each D4 element and grid size (h, w), the flat source index of every destination cell,
+    -1 outside the transformed grid; built once from d4_index so that augment() is a single gather."""
+    hw = torch.cartesian_prod(torch.arange(1, grid + 1), torch.arange(1, grid + 1))  # (G*G, 2) sizes
+    i, j = torch.arange(grid).view(1, grid, 1), torch.arange(grid).view(1, 1, grid)
+    tables = []
+    for d4 in range(8):
+        r, c, new = d4_index(torch.full((grid * grid,), d4), hw, grid)
+        valid = (i < new[:, 0, None, None]) & (j < new[:, 1, None, None])
+        tables.append(torch.where(valid, r * grid + c, -1).flatten(1))  # (G*G sizes, G*G cells)
+    return torch.stack(tables).view(8, grid, grid, grid * grid).to(device)
+
+
 def augment(grids, size, d4, shift):
-    """Apply D4 element d4 (B,) and colour shift (B,) (c -> (c - 1 + shift) % 9 + 1 for c in 1..9; 0 and _PAD fixed)
+    """Apply D4 element d4 (B,) and colour shift (B,) (c -> (c - 1 + shift) % 9 + 1 for c in 1..9; 0 and PAD fixed)
     to grids (B, G, G) of sizes (B, 2) -> (grids, sizes)."""
     B, G = grids.shape[0], grids.shape[-1]
-    r, c, new = d4_index(d4, size, G)
-    i, j = torch.arange(G, device=grids.device).view(1, G, 1), torch.arange(G, device=grids.device).view(1, 1, G)
-    valid = (i < new[:, 0, None, None]) & (j < new[:, 1, None, None])
-    src = (r.clamp(0, G - 1) * G + c.clamp(0, G - 1)).view(B, -1)  # (B, G*G) flat source index
-    out = torch.where(valid, grids.long().flatten(1).gather(1, src).view(B, G, G), _PAD)
-    colour = (out >= 1) & (out <= 9)
-    return torch.where(colour, (out - 1 + shift.view(-1, 1, 1)) % 9 + 1, out), new
+    src = d4_table(G, grids.device)[d4, size[:, 0] - 1, size[:, 1] - 1]  # (B, G*G)
+    out = torch.where(src >= 0, grids.long().flatten(1).gather(1, src.clamp(min=0)), _PAD)
+    colours = torch.arange(11, device=grids.device)
+    lut = torch.where((colours >= 1) & (colours <= 9), (colours - 1 + shift[:, None]) % 9 + 1, colours)  # (B, 11)
+    new = torch.where(transposes(d4)[:, None], size.flip(1), size)
+    return lut.gather(1, out).view(B, G, G), new
 
 
 def invert(d4, shift):
