@@ -30,6 +30,7 @@ def bench_samplers(argv):
     every sampler and schedule, driven by the mixture's closed-form optimal denoiser (v-prediction)."""
     cfg = common.apply_overrides({"N": 50_000, "OUT_DIR": "."}, argv)  # samples; folder for the JSON
     n, out_dir = cfg["n"], cfg["out_dir"]
+    torch.set_num_threads(1)  # many tiny tensor operations: intra-op threads only add overhead
     mixture = common.GaussianMixture(**SAMPLER_MIXTURE)
     floor = mixture.error(mixture.sample(n, torch.Generator().manual_seed(0)))["max"]
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -110,3 +110,30 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional():
 def test_unknown_sampler_is_one_line_error():
     with pytest.raises(SystemExit, match="unknown sampler 'eulr'"):
         common.sample("eulr", None, torch.zeros(1, 2), 1, common.Schedule())
+
+
+def test_ddpm_step_is_the_posterior_of_ho_et_al():
+    """One ancestral step t -> s with a known x0 draws from q(x_s | x_t, x0) of Ho et al. 2020 eq. 6-7 written with
+    alpha_bar: mean sqrt(ab_s) beta / (1 - ab_t) x0 + sqrt(a) (1 - ab_s) / (1 - ab_t) x_t, variance
+    (1 - ab_s) / (1 - ab_t) beta, where a = ab_t / ab_s and beta = 1 - a."""
+    sch = common.Schedule("cosine")
+    t, s = 0.5, 0.3
+    ab_t, ab_s = (float(sch.alpha_bar(torch.tensor(u, dtype=torch.float64))) for u in (t, s))
+    a = ab_t / ab_s
+    x0_value, x_t_value = 0.7, -0.4
+    mean = math.sqrt(ab_s) * (1 - a) / (1 - ab_t) * x0_value + math.sqrt(a) * (1 - ab_s) / (1 - ab_t) * x_t_value
+    var = (1 - ab_s) / (1 - ab_t) * (1 - a)
+
+    def denoise(x, t_):
+        x0 = torch.full_like(x, x0_value)
+        alpha, sigma = (common.append_dims(v, x.ndim) for v in sch.alpha_sigma(t_))
+        return x0, (x - alpha * x0) / sigma
+
+    x = torch.full((400_000, 1), x_t_value, dtype=torch.float64)
+    out = common.sample_ddpm(denoise, x, torch.tensor([t, s], dtype=torch.float64), sch, torch.Generator().manual_seed(0))
+    assert float(out.mean()) == pytest.approx(mean, abs=0.005)
+    assert float(out.var()) == pytest.approx(var, rel=0.01)
+    # DDIM eta = 0 (Song et al. 2021 eq. 12): x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) eps_hat, deterministic
+    out = common.sample_ddim(denoise, x[:4], torch.tensor([t, s], dtype=torch.float64), sch, eta=0.0)
+    eps_hat = (x_t_value - math.sqrt(ab_t) * x0_value) / math.sqrt(1 - ab_t)
+    torch.testing.assert_close(out, torch.full_like(out, math.sqrt(ab_s) * x0_value + math.sqrt(1 - ab_s) * eps_hat))
