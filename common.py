@@ -14,6 +14,7 @@ Shape letters: B batch, N samples, C channels, H/W height/width, K mixture compo
 """
 
 import ast
+import copy
 import difflib
 import json
 import math
@@ -576,8 +577,6 @@ class EMA:
     Buffers (e.g. norm statistics) are copied as they are."""
 
     def __init__(self, model):
-        import copy
-
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()

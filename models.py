@@ -198,9 +198,11 @@ class ArcDenoiser(nn.Module):
         out = x.flatten(1)  # (B, G*G)
         out_valid = out != self.pad
         cells = self.out_emb(out) + self._positions()
+        sc = torch.zeros(B, G * G, self.n_colours, device=x.device)  # no estimate yet: centred log-probs of 0
         if cond.get("self_cond") is not None:
             sc = cond["self_cond"].float().flatten(1, 2).log_softmax(-1)  # (B, G*G, 10)
-            cells = cells + self.self_cond((sc - sc.mean(-1, keepdim=True)).to(cells.dtype))
+            sc = sc - sc.mean(-1, keepdim=True)
+        cells = cells + self.self_cond(sc.to(cells.dtype))  # always applied, so every rank uses every parameter
         cells = cells * out_valid[..., None]  # noisy-output tokens are zero outside the output's h x w
         time = self.time_mlp(timestep_embedding(t, prefix.shape[-1]).to(prefix.dtype))[:, None]
         h = self.emb_drop(torch.cat([prefix, time, cells], dim=1))  # (B, L, D), L = 4 + 2 G*G

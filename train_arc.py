@@ -481,7 +481,8 @@ def main(argv):
     tasks = load_tasks(DATA)
     task_ids, train_pairs, held_pairs = split_examples(tasks, HOLDOUT, GRID, MAX_TASKS)
     config.update(script="train_arc", model="arc", task_ids=task_ids)
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION if torch.cuda.is_available() else "no")
+    on_gpu = torch.cuda.is_available()  # cpu=True is what makes accelerate join a torchrun group on a CPU machine
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION if on_gpu else "no", cpu=not on_gpu)
     world, rank, dev, is_main = (
         accelerator.num_processes,
         accelerator.process_index,

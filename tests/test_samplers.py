@@ -137,3 +137,59 @@ def test_ddpm_step_is_the_posterior_of_ho_et_al():
     out = common.sample_ddim(denoise, x[:4], torch.tensor([t, s], dtype=torch.float64), sch, eta=0.0)
     eps_hat = (x_t_value - math.sqrt(ab_t) * x0_value) / math.sqrt(1 - ab_t)
     torch.testing.assert_close(out, torch.full_like(out, math.sqrt(ab_s) * x0_value + math.sqrt(1 - ab_s) * eps_hat))
+
+
+def fixed_x0_denoiser(schedule, values):
+    """A denoiser whose k-th call answers x0 = values[k] (eps follows from x_t), so each update can be written out."""
+    calls = []
+
+    def denoise(x, t):
+        x0 = torch.full_like(x, values[min(len(calls), len(values) - 1)])
+        calls.append(float(t[0]))
+        alpha, sigma = (common.append_dims(v, x.ndim) for v in schedule.alpha_sigma(t))
+        return x0, (x - alpha * x0) / sigma
+
+    return denoise, calls
+
+
+def drift(schedule, t, x, x0, h=1e-6):
+    """dx/dt = alpha'(t) x0 + sigma'(t) eps, with the derivatives taken by central differences."""
+    a, s = (float(v) for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
+    (a1, s1), (a0, s0) = (schedule.alpha_sigma(torch.tensor(u, dtype=torch.float64)) for u in (t + h, t - h))
+    return float(a1 - a0) / (2 * h) * x0 + float(s1 - s0) / (2 * h) * (x - a * x0) / s
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_single_updates_match_the_written_out_methods(schedule):
+    """Euler, Heun (Karras et al. 2022 alg. 1) and DPM-Solver++(2M) (Lu et al. 2022 alg. 2), two steps each,
+    against the updates written out by hand."""
+    sch = common.Schedule(schedule)
+    ts = torch.tensor([0.8, 0.6, 0.4], dtype=torch.float64)
+    x_start, c = 0.9, (0.3, -0.5, 0.2, 0.1)
+    x = torch.full((1, 1), x_start, dtype=torch.float64)
+    alpha = lambda t: float(sch.alpha_sigma(torch.tensor(t, dtype=torch.float64))[0])  # noqa: E731
+    sigma = lambda t: float(sch.alpha_sigma(torch.tensor(t, dtype=torch.float64))[1])  # noqa: E731
+    lam = lambda t: math.log(alpha(t) / sigma(t))  # noqa: E731
+
+    denoise, calls = fixed_x0_denoiser(sch, c)
+    out = common.sample_euler(denoise, x, ts, sch)
+    x1 = x_start + (0.6 - 0.8) * drift(sch, 0.8, x_start, c[0])
+    x2 = x1 + (0.4 - 0.6) * drift(sch, 0.6, x1, c[1])
+    assert calls == [0.8, 0.6] and float(out) == pytest.approx(x2, rel=1e-6)
+
+    denoise, calls = fixed_x0_denoiser(sch, c)
+    out = common.sample_heun(denoise, x, ts, sch)
+    xe = x_start - 0.2 * drift(sch, 0.8, x_start, c[0])
+    x1 = x_start - 0.2 * 0.5 * (drift(sch, 0.8, x_start, c[0]) + drift(sch, 0.6, xe, c[1]))
+    xe = x1 - 0.2 * drift(sch, 0.6, x1, c[2])
+    x2 = x1 - 0.2 * 0.5 * (drift(sch, 0.6, x1, c[2]) + drift(sch, 0.4, xe, c[3]))
+    assert calls == pytest.approx([0.8, 0.6, 0.6, 0.4]) and float(out) == pytest.approx(x2, rel=1e-6)
+
+    denoise, calls = fixed_x0_denoiser(sch, c)
+    out = common.sample_dpmpp_2m(denoise, x, ts, sch)
+    h1, h2 = lam(0.6) - lam(0.8), lam(0.4) - lam(0.6)
+    x1 = sigma(0.6) / sigma(0.8) * x_start - alpha(0.6) * (math.exp(-h1) - 1) * c[0]
+    r = h1 / h2
+    d = (1 + 1 / (2 * r)) * c[1] - 1 / (2 * r) * c[0]
+    x2 = sigma(0.4) / sigma(0.6) * x1 - alpha(0.4) * (math.exp(-h2) - 1) * d
+    assert calls == [0.8, 0.6] and float(out) == pytest.approx(x2, rel=1e-9)
