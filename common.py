@@ -831,5 +831,3 @@ def plot_loss(log_path, png_path, key="loss"):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
-
-# API-COMPLETE
