@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -551,7 +550,9 @@ class GaussianMixture:
         """How far samples x (N, D) are from the mixture: assign each to its most likely component, then the max over
         components of |weight error|, |mean error| / s_k (per dimension) and |std / s_k - 1|."""
         x = x.double()
-        r, _ = self.posterior(x, torch.ones(len(x), 1, dtype=torch.float64), torch.zeros(len(x), 1, dtype=torch.float64))
+        r, _ = self.posterior(
+            x, torch.ones(len(x), 1, dtype=torch.float64), torch.zeros(len(x), 1, dtype=torch.float64)
+        )
         k = r.argmax(-1)
         errors = {"weight": 0.0, "mean": 0.0, "std": 0.0}
         for j in range(len(self.w)):
@@ -731,6 +732,20 @@ def load_checkpoint(ckpt_dir, model, ema_model=None, optimizer=None):
     return state
 
 
+def setup_accelerator(mixed_precision, batch_size, grad_accum):
+    """An accelerate.Accelerator and the per-process micro-batch. Mixed precision only on GPU (CPU runs fp32);
+    cpu=True on a CPU machine, which is what makes `torchrun` processes join one gloo group. Stops with a one-line
+    error when the global batch does not divide by processes x accumulation steps."""
+    from accelerate import Accelerator
+
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision if on_gpu else "no", cpu=not on_gpu)
+    world = accelerator.num_processes
+    if batch_size % (world * grad_accum):
+        die(f"batch_size={batch_size} must divide by processes x grad_accum = {world} x {grad_accum}")
+    return accelerator, batch_size // (world * grad_accum)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Logging, progress bars, images and plots
 # ----------------------------------------------------------------------------------------------------------------
@@ -830,4 +845,3 @@ def plot_loss(log_path, png_path, key="loss"):
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
-

@@ -477,23 +477,18 @@ def memory_mb(device):
 
 def main(argv):
     config = common.apply_overrides(globals(), argv)
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     tasks = load_tasks(DATA)
     task_ids, train_pairs, held_pairs = split_examples(tasks, HOLDOUT, GRID, MAX_TASKS)
     config.update(script="train_arc", model="arc", task_ids=task_ids)
-    on_gpu = torch.cuda.is_available()  # cpu=True is what makes accelerate join a torchrun group on a CPU machine
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION if on_gpu else "no", cpu=not on_gpu)
+    accelerator, micro = common.setup_accelerator(MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM)
     world, rank, dev, is_main = (
         accelerator.num_processes,
         accelerator.process_index,
         accelerator.device,
         accelerator.is_main_process,
     )
-    if BATCH_SIZE % (world * GRAD_ACCUM):
-        common.die(f"batch_size={BATCH_SIZE} must divide by processes x grad_accum = {world * GRAD_ACCUM}")
-    micro = BATCH_SIZE // (world * GRAD_ACCUM)
     set_seed(SEED, device_specific=True)
     model = build_model(config, len(task_ids))
     train, held = {k: v.to(dev) for k, v in to_tensors(train_pairs, GRID).items()}, to_tensors(held_pairs, GRID)

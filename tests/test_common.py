@@ -366,7 +366,9 @@ def test_write_killed_halfway_keeps_last_good(tmp_path):
 def test_train_state_refuses_pickled_objects(tmp_path):
     model, ema, opt = tiny_training_objects()
     ckpt = common.save_checkpoint(str(tmp_path), 1, model, ema.model, opt, {"script": "toy"})
-    torch.save({"step": 1, "rng": common.rng_state(), "evil": tiny_training_objects}, os.path.join(ckpt, "train_state.pt"))
+    torch.save(
+        {"step": 1, "rng": common.rng_state(), "evil": tiny_training_objects}, os.path.join(ckpt, "train_state.pt")
+    )
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         common.load_checkpoint(ckpt, model)
 

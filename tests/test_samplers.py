@@ -25,9 +25,12 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 CASES = [(sampler, schedule) for sampler in STEPS for schedule in common.Schedule.KINDS]
 # eps-prediction on the flow path is left out: alpha(1) = 0 there, so x0 cannot be recovered from eps at t = 1.
-PREDICTIONS = {kind: [p for p in common.PREDICTIONS if not (kind == "flow" and p == "eps")] for kind in common.Schedule.KINDS}
+PREDICTIONS = {
+    kind: [p for p in common.PREDICTIONS if not (kind == "flow" and p == "eps")] for kind in common.Schedule.KINDS
+}
 
 
 def run(sampler, schedule, prediction, steps, n=N, seed=0):
@@ -130,7 +133,9 @@ def test_ddpm_step_is_the_posterior_of_ho_et_al():
         return x0, (x - alpha * x0) / sigma
 
     x = torch.full((400_000, 1), x_t_value, dtype=torch.float64)
-    out = common.sample_ddpm(denoise, x, torch.tensor([t, s], dtype=torch.float64), sch, torch.Generator().manual_seed(0))
+    out = common.sample_ddpm(
+        denoise, x, torch.tensor([t, s], dtype=torch.float64), sch, torch.Generator().manual_seed(0)
+    )
     assert float(out.mean()) == pytest.approx(mean, abs=0.005)
     assert float(out.var()) == pytest.approx(var, rel=0.01)
     # DDIM eta = 0 (Song et al. 2021 eq. 12): x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) eps_hat, deterministic
