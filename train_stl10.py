@@ -366,7 +366,8 @@ def main(argv):
         common.die(f"cond={COND!r}: choose one of {', '.join(CONDS)}")
     if RESUME and INIT_FROM:
         common.die("give resume= (continue a run exactly) or init_from= (fine-tune from weights), not both")
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION if torch.cuda.is_available() else "no")
+    gpu = torch.cuda.is_available()  # cpu=True lets accelerate run several CPU processes (gloo) under torchrun
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION if gpu else "no", cpu=not gpu)
     world, rank, dev, is_main = (
         accelerator.num_processes,
         accelerator.process_index,

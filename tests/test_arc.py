@@ -215,3 +215,17 @@ def test_two_processes(tmp_path):
     )
     assert os.path.isfile(os.path.join(out, "step_0000006", "model.safetensors"))
     assert len(losses(out)) == 2
+
+
+def test_holdout_splits():
+    """eval: evaluation test pairs held out, training tasks' test pairs trained on; train: training tasks' test pairs
+    held out; fit: training tasks' test pairs scored and also trained on."""
+    tasks = ta.load_tasks("arc1")
+    key = lambda pair: (pair[0], pair[1].tobytes(), pair[2].tobytes())  # noqa: E731
+    for holdout in ("eval", "train", "fit"):
+        ids, train, held = ta.split_examples(tasks, holdout, 6, 5)
+        seen = {key(p) for p in train}
+        overlap = sum(key(p) in seen for p in held)
+        assert overlap == (len(held) if holdout == "fit" else 0), holdout
+        n_train_tasks = 5 if holdout == "eval" else len(ids)
+        assert all((p[0] >= n_train_tasks) == (holdout == "eval") for p in held), holdout
