@@ -358,25 +358,19 @@ def memory_mb(dev):
 
 def main(argv):
     config = common.apply_overrides(globals(), argv)
-    from accelerate import Accelerator
-
     if MODEL not in MODELS:
         common.die(f"model={MODEL!r}: choose one of {', '.join(MODELS)}")
     if COND not in CONDS:
         common.die(f"cond={COND!r}: choose one of {', '.join(CONDS)}")
     if RESUME and INIT_FROM:
         common.die("give resume= (continue a run exactly) or init_from= (fine-tune from weights), not both")
-    gpu = torch.cuda.is_available()  # cpu=True lets accelerate run several CPU processes (gloo) under torchrun
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION if gpu else "no", cpu=not gpu)
+    accelerator, micro = common.setup_accelerator(MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM)
     world, rank, dev, is_main = (
         accelerator.num_processes,
         accelerator.process_index,
         accelerator.device,
         accelerator.is_main_process,
     )
-    if BATCH_SIZE % (world * GRAD_ACCUM):
-        common.die(f"batch_size={BATCH_SIZE} must divide by processes x grad_accum = {world * GRAD_ACCUM}")
-    micro = BATCH_SIZE // (world * GRAD_ACCUM)
     if is_main and DOWNLOAD and not os.path.isdir(os.path.join(DATA_DIR, "stl10_binary")):
         download(DATA_DIR)  # one process downloads, the others wait
     accelerator.wait_for_everyone()
