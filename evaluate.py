@@ -224,7 +224,9 @@ def main(argv):
     config = common.load_config(ckpt_dir)
     script = config.get("script", "")
     if script not in EVALUATORS:
-        common.die(f"{ckpt_dir} was written by {script!r}, which evaluate.py does not know; known: {sorted(EVALUATORS)}")
+        common.die(
+            f"{ckpt_dir} was written by {script!r}, which evaluate.py does not know; known: {sorted(EVALUATORS)}"
+        )
     EVALUATORS[script](ckpt_dir, config, argv[1:])
 
 
