@@ -346,6 +346,12 @@ def d3pm_keep_prob(t, floor=0.02, s=0.008):
     return floor + (1 - floor) * Schedule("cosine", s=s).alpha_bar(t)
 
 
+def d3pm_log_snr(t, floor=0.02, s=0.008, limit=20.0):
+    """log(alpha_bar / (1 - alpha_bar)) of d3pm_keep_prob, clamped to [-limit, limit] (it is +inf at t = 0)."""
+    alpha_bar = d3pm_keep_prob(t, floor, s)
+    return (torch.log(alpha_bar) - torch.log1p(-alpha_bar)).clamp(-limit, limit)
+
+
 def d3pm_uniform_noise(x0, keep_prob, num_classes, generator=None):
     """D3PM uniform forward process (Austin et al. 2021, arXiv:2107.03006 sec. 3.1, Q_t = a I + (1 - a) 11^T / K)
     sampled directly: each entry of the integer tensor x0 keeps its class with probability keep_prob (B,), else

@@ -11,20 +11,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared blocks
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def timestep_embedding(t, dim, max_period=10_000.0):
-    """Sinusoidal features of a (B,) tensor (Vaswani et al. 2017, sec. 3.5): [cos(t w_i), sin(t w_i)] -> (B, dim).
+def timestep_embedding(t, dim, max_period=10_000.0, scale=1000.0):
+    """Sinusoidal features of a (B,) tensor (Vaswani et al. 2017, sec. 3.5): [cos(u w_i), sin(u w_i)] -> (B, dim),
+    u = scale * t, w_i = max_period^(-i / half).
 
-    t is scaled by 1000 first so that t in [0, 1] spans the same phases as an integer step index.
+    The default scale 1000 makes t in [0, 1] span the same phases as an integer step index; a log-SNR in [-20, 20]
+    is embedded with scale 1.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    args = scale * t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
@@ -154,10 +158,20 @@ class ArcDenoiser(nn.Module):
     }
 
     def __init__(
-        self, d_model, n_layers, n_heads, n_tasks=1000, grid=30, n_colours=10, dropout=0.1, input_dropout=0.05
+        self,
+        d_model,
+        n_layers,
+        n_heads,
+        n_tasks=1000,
+        grid=30,
+        n_colours=10,
+        dropout=0.1,
+        input_dropout=0.05,
+        keep_floor=0.02,
     ):
         super().__init__()
         self.grid, self.n_colours, self.pad, self.input_dropout = grid, n_colours, n_colours, input_dropout
+        self.keep_floor = keep_floor  # the time token embeds the log-SNR of alpha_bar(t) = d3pm_keep_prob(t, floor)
         self.task_emb = nn.Embedding(n_tasks, d_model)
         self.d4_emb, self.shift_emb = nn.Embedding(8, d_model), nn.Embedding(n_colours - 1, d_model)
         self.time_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
@@ -204,7 +218,8 @@ class ArcDenoiser(nn.Module):
             sc = sc - sc.mean(-1, keepdim=True)
         cells = cells + self.self_cond(sc.to(cells.dtype))  # always applied, so every rank uses every parameter
         cells = cells * out_valid[..., None]  # noisy-output tokens are zero outside the output's h x w
-        time = self.time_mlp(timestep_embedding(t, prefix.shape[-1]).to(prefix.dtype))[:, None]
+        log_snr = common.d3pm_log_snr(t.float(), self.keep_floor)  # (B,) in [-20, 20]
+        time = self.time_mlp(timestep_embedding(log_snr, prefix.shape[-1], scale=1.0).to(prefix.dtype))[:, None]
         h = self.emb_drop(torch.cat([prefix, time, cells], dim=1))  # (B, L, D), L = 4 + 2 G*G
         P, L = prefix.shape[1], h.shape[1]
         mask = torch.ones(L, L, dtype=torch.bool, device=h.device)
@@ -388,7 +403,7 @@ def sincos_position_embedding(grid, dim, device):
     """
     share = 2 * (dim // (2 * len(grid)))
     coords = torch.meshgrid(*[torch.arange(n, device=device, dtype=torch.float32) for n in grid], indexing="ij")
-    parts = [timestep_embedding(c.reshape(-1) / 1000.0, share) for c in coords]  # undo the helper's 1000x
+    parts = [timestep_embedding(c.reshape(-1), share, scale=1.0) for c in coords]
     return F.pad(torch.cat(parts, dim=-1), (0, dim - share * len(grid)))  # (L, dim)
 
 

@@ -468,7 +468,14 @@ def held_out_check(model, held, n_pairs, path):
 def build_model(config, n_tasks):
     if config["size"] not in models.ArcDenoiser.PRESETS:
         common.die(f"size={config['size']!r}: choose one of {', '.join(models.ArcDenoiser.PRESETS)}")
-    return models.make_model("arc", config["size"], n_tasks=n_tasks, grid=config["grid"], dropout=config["dropout"])
+    return models.make_model(
+        "arc",
+        config["size"],
+        n_tasks=n_tasks,
+        grid=config["grid"],
+        dropout=config["dropout"],
+        keep_floor=config["keep_floor"],
+    )
 
 
 def memory_mb(device):

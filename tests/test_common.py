@@ -107,6 +107,8 @@ def test_d3pm_uniform_noise():
         assert float(same[i]) == pytest.approx(a + (1 - a) / 10, abs=0.03)
     assert float(common.d3pm_keep_prob(torch.tensor(0.0))) == pytest.approx(1.0)
     assert float(common.d3pm_keep_prob(torch.tensor(1.0))) == pytest.approx(0.02, abs=1e-6)
+    assert float(common.d3pm_log_snr(torch.tensor(0.0))) == 20.0  # +inf clamped
+    assert float(common.d3pm_log_snr(torch.tensor(1.0))) == pytest.approx(math.log(0.02 / 0.98), abs=1e-4)
 
 
 # ---------------------------------------------------------------- timesteps and loss weights
