@@ -764,6 +764,15 @@ def progress_bar(iterable=None, desc="", disable=False, total=None):
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=False)
 
 
+def peak_memory_mb(device):
+    """Peak memory in MiB: allocated CUDA memory on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
 class Logger:
     """One console line and one JSON line in OUT_DIR/log.jsonl per call, on the main process only."""
 

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import json
 import os
-import resource
 import sys
 import time
 from collections import Counter
@@ -478,12 +477,6 @@ def build_model(config, n_tasks):
     )
 
 
-def memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
-
-
 def main(argv):
     config = common.apply_overrides(globals(), argv)
     from accelerate.utils import set_seed
@@ -557,7 +550,7 @@ def main(argv):
                 grad_norm=float(grad_norm),
                 it_s=(step - n0) / dt,
                 samples_s=(step - n0) * BATCH_SIZE / dt,
-                mem_mb=memory_mb(dev),
+                mem_mb=common.peak_memory_mb(dev),
                 loss_bins=bins.means(),
                 acc_bins=acc_bins.means(),
             )

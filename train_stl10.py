@@ -343,14 +343,6 @@ def plot_projection(vectors, labels, png_path, title):
     plt.close(fig)
 
 
-def memory_mb(dev):
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,7 +445,7 @@ def main(argv):
                 grad_norm=float(grad_norm),
                 it_s=(step - n0) / dt,
                 samples_s=(step - n0) * BATCH_SIZE / dt,
-                mem_mb=memory_mb(dev),
+                mem_mb=common.peak_memory_mb(dev),
                 loss_bins=accelerator.reduce(bins.sums, "sum").div(accelerator.reduce(bins.counts, "sum")).tolist(),
             )
             bins.reset(), sums.zero_()
