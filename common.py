@@ -361,6 +361,17 @@ def d3pm_uniform_noise(x0, keep_prob, num_classes, generator=None):
     return torch.where(keep, x0, noise)
 
 
+def d3pm_uniform_posterior(x_t, p_x0, keep_t, keep_s):
+    """Unnormalised p(x_s | x_t) proportional to sum_x0 q(x_s, x_t | x0) p(x0 | x_t) for uniform D3PM (Austin et al.
+    2021, arXiv:2107.03006 eq. 4, the x0-parameterisation), with q(x_s, x_t | x0) = q(x_t | x_s) q(x_s | x0):
+    (a_ts onehot(x_t) + (1 - a_ts) / K) * (keep_s p_x0 + (1 - keep_s) / K), a_ts = keep_t / keep_s.
+    x_t (...) long in [0, K), p_x0 (..., K) probabilities, keep_t / keep_s floats -> (..., K)."""
+    K = p_x0.shape[-1]
+    a_ts = keep_t / keep_s  # keep probability from level s to level t
+    likelihood = a_ts * torch.nn.functional.one_hot(x_t, K) + (1 - a_ts) / K  # q(x_t | x_s) as a function of x_s
+    return likelihood * (keep_s * p_x0 + (1 - keep_s) / K)  # times q(x_s | x0) averaged over p(x0 | x_t)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Samplers: sampler(denoise, x, ts, schedule, generator, **options) -> x at ts[-1]
 # denoise(x, t) -> (x0_hat, eps_hat), t a (B,) tensor; ts a decreasing grid from 1 to 0.

@@ -330,8 +330,7 @@ def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None)
             common.d3pm_keep_prob(ts[k], floor).item(),
             common.d3pm_keep_prob(ts[k + 1], floor).item(),
         )
-        a_ts = ab_t / ab_s  # keep probability from level s to level t
-        q = (a_ts * F.one_hot(x.clamp(max=9), 10) + (1 - a_ts) / 10) * (ab_s * logits.softmax(-1) + (1 - ab_s) / 10)
+        q = common.d3pm_uniform_posterior(x.clamp(max=9), logits.softmax(-1), ab_t, ab_s)
         u = torch.stack([torch.rand((G, G, 1), generator=g, device=dev) for g in gens])
         cdf = q.cumsum(-1)
         x = torch.where(mask, (cdf < u * cdf[..., -1:]).sum(-1).clamp(max=9), _PAD)

@@ -400,3 +400,16 @@ def test_loss_bins():
     bins.add(torch.tensor([1.0, 3.0, 5.0, 7.0]), torch.tensor([0.1, 0.2, 0.6, 1.0]))
     means = bins.means()
     assert means[0] == 2.0 and math.isnan(means[1]) and means[2] == 5.0 and means[3] == 7.0
+
+
+def test_d3pm_uniform_posterior_matches_brute_force():
+    """Austin et al. eq. 4 summed by hand: p(x_s | x_t) oc sum_x0 p(x0 | x_t) q(x_t | x_s) q(x_s | x0)."""
+    K, keep_t, keep_s = 4, 0.3, 0.7
+    p_x0 = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    x_t = torch.tensor(2)
+    q_step = lambda a, src: a * torch.eye(K, dtype=torch.float64)[src] + (1 - a) / K  # noqa: E731  next-state dist.
+    brute = torch.zeros(K, dtype=torch.float64)
+    for x0 in range(K):
+        brute += p_x0[x0] * torch.stack([q_step(keep_t / keep_s, xs)[x_t] * q_step(keep_s, x0)[xs] for xs in range(K)])
+    post = common.d3pm_uniform_posterior(x_t, p_x0, keep_t, keep_s)
+    torch.testing.assert_close(post / post.sum(), brute / brute.sum())
