@@ -62,8 +62,8 @@ IMAGE_OPTIONS = {  # key=value overrides for image checkpoints (train_stl10.py)
     "WEIGHTS": "ema",  # ema | model
     "DATA_DIR": "",  # "" the checkpoint's data_dir
     "REAL": "test",  # split of the real images that samples are scored against: test | train
-    "N_REAL": 5000,  # real images used (the first N of the split)
-    "FLOOR": True,  # also score N_SAMPLES real training images against the same reference (the floor)
+    "N_REAL": 5000,  # real images used (a fixed random subset of the split)
+    "FLOOR": True,  # also score N_SAMPLES real images of the other split against the same reference (the floor)
     "INCEPTION": "",  # a TorchScript Inception-v3 feature network (inception-2015-12-05.pt) for FID; "" off
     "KID_SUBSET": 1000,  # KID subset size (100 subsets)
     "OUT": "",  # folder for eval_images.json and eval_samples.png; "" the checkpoint folder
@@ -135,6 +135,14 @@ def kernel_inception_distance(f1, f2, subset=1000, n_subsets=100, seed=0):
     return float(np.mean(values))
 
 
+def subset(total, n, seed=0):
+    """Indices of a fixed random subset of n of `total` images (all when n >= total), in file order: a split may be
+    stored sorted by class, so its first n images need not cover every class."""
+    if n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
 @torch.no_grad()
 def sample_images(model, config, n, guidance, sampler, steps, batch, device, table=None):
     """n samples; sample i starts from noise seeded by i and has class i % K. Stochastic samplers (ddpm) draw
@@ -171,7 +179,7 @@ def evaluate_images(ckpt_dir, config, argv):
     real, _, names = train_stl10.load_dataset(data_dir, opts["real"])
     if names != config["class_names"]:
         common.die(f"data_dir={data_dir!r} has classes {names}, the checkpoint was trained on {config['class_names']}")
-    real = train_stl10.to_model_range(real[: opts["n_real"]], config["image_size"])
+    real = train_stl10.to_model_range(real[subset(len(real), opts["n_real"])], config["image_size"])
     model = common.load_weights(ckpt_dir, train_stl10.build_model(config), opts["weights"]).to(device).eval()
     table = train_stl10.text_table(names, config["prompt"]).to(device) if config["cond"] == "text" else None
     t0 = time.time()
@@ -182,9 +190,8 @@ def evaluate_images(ckpt_dir, config, argv):
     sets = {"samples": fake}
     if opts["floor"]:
         other = "train" if opts["real"] == "test" else "test"
-        sets["floor"] = train_stl10.to_model_range(
-            train_stl10.load_dataset(data_dir, other)[0][: opts["n_samples"]], config["image_size"]
-        )
+        floor = train_stl10.load_dataset(data_dir, other)[0]
+        sets["floor"] = train_stl10.to_model_range(floor[subset(len(floor), len(fake))], config["image_size"])
     extractors = {"EffNet": EffNetFeatures(device)}
     if opts["inception"]:
         extractors["Inception"] = InceptionFeatures(opts["inception"], device)
