@@ -21,6 +21,44 @@ import models
 # ----------------------------------------------------------------------------------------------------------------
 # samplers
 # ----------------------------------------------------------------------------------------------------------------
+# Shared measurement: every timed benchmark runs each case in a fresh process, so peak memory is its own
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def device_name():
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def in_fresh_process(fn, args):
+    """fn(args) in a new spawned process; returns its result."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.map(fn, [args])[0]
+
+
+def memory_baseline(dev):
+    """Start measuring peak memory: CUDA's peak is reset; on CPU the peak RSS so far is returned, to subtract."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return 0.0
+    return common.peak_memory_mb(dev)
+
+
+def seconds_per_call(f, iters, dev):
+    """Mean wall time of f() over `iters` calls after one warm-up call."""
+    f()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        f()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 SAMPLER_MIXTURE = dict(weights=[0.5, 0.3, 0.2], means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.3, 0.5, 0.2])
 
@@ -71,13 +109,11 @@ ARC_BENCH = {  # key=value overrides of `python bench.py arc`
 def _arc_one(args):
     """One ARC preset in a fresh process: training examples/s (noising, self-conditioning, forward, backward,
     AdamW) on real ARC-AGI-1 training pairs, and peak memory."""
-    import resource
-
     import train_arc
 
     size, batch, grid, iters = args
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = memory_baseline(dev)
     task_ids, pairs, _ = train_arc.split_examples(train_arc.load_tasks("arc1"), "eval", grid, -1)
     data = {k: v.to(dev) for k, v in train_arc.to_tensors(pairs, grid).items()}
     net = models.make_model("arc", size, n_tasks=len(task_ids), grid=grid).to(dev)
@@ -93,21 +129,8 @@ def _arc_one(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    train_step()  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        train_step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    step_s = (time.perf_counter() - t0) / iters
-    if dev.type == "cuda":
-        mem = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    step_s = seconds_per_call(train_step, iters, dev)
+    mem = common.peak_memory_mb(dev) - base
     params = sum(p.numel() for p in net.parameters()) / 1e6
     return {"size": size, "params_m": params, "train_examples_s": batch / step_s, "peak_mem_mib": mem}
 
@@ -116,20 +139,16 @@ def bench_arc(argv):
     """ARC denoiser presets at the train_arc.py configuration (GRID x GRID pairs, 4 + 2 GRID^2 tokens): training
     examples/s and peak memory (CUDA allocated, or on CPU the growth of the process's peak RSS), each preset in a
     fresh process. Self-conditioning runs on about half the steps, as in training."""
-    import multiprocessing
-
     opts = common.apply_overrides(dict(ARC_BENCH, __doc__=bench_arc.__doc__), argv)
     unknown = [s for s in opts["sizes"] if s not in models.ArcDenoiser.PRESETS]
     if unknown:
         common.die(f"sizes={unknown}: choose from {', '.join(models.ArcDenoiser.PRESETS)}")
     batch = opts["batch"] if opts["batch"] > 0 else (128 if torch.cuda.is_available() else 8)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
     print(f"arc: {opts['grid']}x{opts['grid']} grids, batch {batch}, {device}", flush=True)
     rows = []
-    ctx = multiprocessing.get_context("spawn")
     for size in opts["sizes"]:
-        with ctx.Pool(1) as pool:
-            rows.append(pool.map(_arc_one, [(size, batch, opts["grid"], opts["iters"])])[0])
+        rows.append(in_fresh_process(_arc_one, (size, batch, opts["grid"], opts["iters"])))
         r = rows[-1]
         print(f"{size:<8}{r['params_m']:>7.1f}M {r['train_examples_s']:>9.2f} examples/s {r['peak_mem_mib']:>7.0f} MiB")
     path = os.path.join(opts["out_dir"], "bench_arc.json")
@@ -190,11 +209,9 @@ def diffusers_reference(name, image_size):
 
 def _bench_one(args):
     """One backbone in a fresh process: training samples/s, sampling samples/s and peak memory."""
-    import resource
-
     name, batch, size, iters, sample_steps = args
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = memory_baseline(dev)
     if name in BENCH_BACKBONES:
         _, model_name, preset, kw = BENCH_BACKBONES[name]
         net = models.make_model(model_name, preset, **kw)
@@ -220,25 +237,9 @@ def _bench_one(args):
         with torch.no_grad(), autocast:
             fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.full_like(cond, 10)]))
 
-    def timed(f):
-        f()  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            f()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / iters
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    train_s = timed(train_step)
-    sample_s = timed(sample_call)
-    if dev.type == "cuda":
-        mem = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    train_s = seconds_per_call(train_step, iters, dev)
+    sample_s = seconds_per_call(sample_call, iters, dev)
+    mem = common.peak_memory_mb(dev) - base
     return {
         "backbone": name,
         "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
@@ -252,8 +253,6 @@ def bench_models(argv):
     """Per backbone at a fixed STL-10 configuration: training samples/s (forward, backward, AdamW), sampling
     samples/s (SAMPLE_STEPS CFG-batched forwards per sample) and peak memory (CUDA allocated, or on CPU the
     growth of the process's peak RSS), each backbone in a fresh process, diffusers' models alongside."""
-    import multiprocessing
-
     opts = common.apply_overrides(dict(MODEL_BENCH, __doc__=bench_models.__doc__), argv)
     unknown = [
         b for b in opts["backbones"] if b not in BENCH_BACKBONES and b not in ("diffusers_unet", "diffusers_dit")
@@ -261,13 +260,11 @@ def bench_models(argv):
     if unknown:
         common.die(f"backbones={unknown}: choose from unet, dit, uvit, diffusers_unet, diffusers_dit")
     batch = opts["batch"] if opts["batch"] > 0 else (32 if torch.cuda.is_available() else 4)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
     print(f"models: {opts['image_size']}x{opts['image_size']} RGB, 10 classes, batch {batch}, {device}", flush=True)
     rows = []
-    ctx = multiprocessing.get_context("spawn")
     for name in opts["backbones"]:
-        with ctx.Pool(1) as pool:
-            row = pool.map(_bench_one, [(name, batch, opts["image_size"], opts["iters"], opts["sample_steps"])])[0]
+        row = in_fresh_process(_bench_one, (name, batch, opts["image_size"], opts["iters"], opts["sample_steps"]))
         if "skipped" in row:
             print(f"{name}: skipped, {row['skipped']}", flush=True)
         rows.append(row)

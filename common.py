@@ -63,7 +63,8 @@ def _comments(namespace):
 
 
 def _coerce(key, raw, default):
-    """Parse `raw` to the type of `default`: bool from true/false, int -> float, list -> tuple, str kept raw."""
+    """Parse `raw` to the type of `default`: bool from true/false, int -> float, list -> tuple, str kept raw; a tuple
+    of strings also takes bare comma-separated words (sizes=tiny,smol)."""
     if isinstance(default, str):
         return raw
     if isinstance(default, bool):
@@ -72,6 +73,8 @@ def _coerce(key, raw, default):
         if raw.lower() in ("false", "0", "no"):
             return False
         die(f"{key.lower()}={raw!r}: expected true or false")
+    if isinstance(default, tuple) and default and isinstance(default[0], str) and raw.strip()[:1] not in "([":
+        return tuple(w.strip() for w in raw.split(",") if w.strip())  # names=a,b,c: bare words, comma-separated
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):

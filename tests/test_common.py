@@ -213,6 +213,10 @@ def test_parser_coerces(tmp_path):
     assert [type(v) for v in cfg.values()] == [int, float, bool, str, tuple]
     assert ns["LR"] == 3.0 and ns["CHANNELS"] == (32, 64)  # the script's constants are updated in place
     assert common.apply_overrides(toy_namespace(tmp_path), ["use_ema=True", "channels=7"])["channels"] == (7,)
+    words = {"NAMES": ("unet", "dit")}  # a tuple of strings takes bare comma-separated words, or a literal
+    assert common.apply_overrides(dict(words), ["names=uvit"])["names"] == ("uvit",)
+    assert common.apply_overrides(dict(words), ["names=dit, uvit"])["names"] == ("dit", "uvit")
+    assert common.apply_overrides(dict(words), ["names=('dit',)"])["names"] == ("dit",)
 
 
 @pytest.mark.parametrize(
