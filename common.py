@@ -874,3 +874,9 @@ def plot_loss(log_path, png_path, key="loss"):
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+# (metrics section: filled in by the evaluation work)
