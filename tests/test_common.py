@@ -319,6 +319,7 @@ def test_keep_newest_and_resolve(tmp_path):
 
 
 def test_write_that_raises_halfway_keeps_last_good(tmp_path, monkeypatch):
+    """A full disk while writing a checkpoint: a one-line error naming the last good checkpoint, which stays."""
     model, ema, opt = tiny_training_objects()
     good = common.save_checkpoint(str(tmp_path), 1, model, ema.model, opt, {"script": "toy"})
     good_weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -328,13 +329,15 @@ def test_write_that_raises_halfway_keeps_last_good(tmp_path, monkeypatch):
     def dying_save(*args, **kwargs):  # the second file of the checkpoint fails
         calls.append(1)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(28, "No space left on device")
         return real_save(*args, **kwargs)
 
     real_save = common.save_file
     monkeypatch.setattr(common, "save_file", dying_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as info:
         common.save_checkpoint(str(tmp_path), 2, model, ema.model, opt, {"script": "toy"})
+    message = str(info.value.code)
+    assert "No space left on device" in message and good in message and "\n" not in message, message
     monkeypatch.undo()
     assert common.resolve_checkpoint(str(tmp_path)) == good
     fresh, fresh_ema, fresh_opt = tiny_training_objects(seed=7)
@@ -343,6 +346,67 @@ def test_write_that_raises_halfway_keeps_last_good(tmp_path, monkeypatch):
         assert torch.equal(v, good_weights[k])
     common.save_checkpoint(str(tmp_path), 3, model, ema.model, opt, {"script": "toy"})  # stale tmp is cleaned
     assert not [d for d in os.listdir(tmp_path) if d.startswith(".tmp_")]
+
+
+def test_rotation_by_write_order_protects_the_resume_point(tmp_path):
+    """Resuming from an older checkpoint writes smaller steps than the newer folders: rotation goes by write
+    order, never deletes the folder just written or the protected one (the resume point)."""
+    model, ema, opt = tiny_training_objects()
+    for step in (2, 3, 4, 5):
+        common.save_checkpoint(str(tmp_path), step, model, ema.model, opt, {"script": "toy"}, keep=4)
+    resumed = str(tmp_path / "step_0000002")
+    common.save_checkpoint(str(tmp_path), 3, model, ema.model, opt, {"script": "toy"}, keep=3, protect=[resumed])
+    kept = sorted(d for d in os.listdir(tmp_path) if d.startswith("step_"))
+    assert kept == ["step_0000002", "step_0000003", "step_0000004", "step_0000005"], kept  # 3 newest + protected
+    common.save_checkpoint(str(tmp_path), 4, model, ema.model, opt, {"script": "toy"}, keep=2, protect=[resumed])
+    kept = sorted(d for d in os.listdir(tmp_path) if d.startswith("step_"))
+    assert kept == ["step_0000002", "step_0000003", "step_0000004"], kept  # step 5 is older than the re-saved 3, 4
+    assert common.resolve_checkpoint(str(tmp_path)).endswith("step_0000004")
+
+
+def test_refuses_to_write_non_finite_tensors(tmp_path):
+    model, ema, opt = tiny_training_objects()
+    common.save_checkpoint(str(tmp_path), 1, model, ema.model, opt, {"script": "toy"})
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(SystemExit, match="refusing to write .*step_0000002: model.0.weight is not finite"):
+        common.save_checkpoint(str(tmp_path), 2, model, ema.model, opt, {"script": "toy"})
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step_")) == ["step_0000001"]
+
+
+def test_resave_killed_mid_swap_keeps_a_complete_latest(tmp_path):
+    """Re-saving an existing step, killed at each point of the swap: `latest` always names a complete checkpoint,
+    and the next save finishes the swap."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        import common
+        model = torch.nn.Linear(2, 2)
+        common.save_checkpoint({str(tmp_path)!r}, 1, model, None, None, {{"script": "toy"}})
+        with torch.no_grad():
+            model.weight.fill_(7.0)
+        real_replace, calls = os.replace, []
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == int(sys.argv[1]):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst)
+        common.os.replace = replace
+        common.save_checkpoint({str(tmp_path)!r}, 1, model, None, None, {{"script": "toy"}})
+    """)
+    for kill_at in range(1, 6):  # latest -> tmp, old aside, tmp -> final, latest -> final (+ one past the end)
+        out = subprocess.run([sys.executable, "-c", code, str(kill_at)], capture_output=True, timeout=300)
+        ckpt = common.resolve_resume(str(tmp_path), "auto")
+        weight = common.load_file(os.path.join(ckpt, "model.safetensors"))["weight"]
+        assert float(weight[0, 0]) in (7.0,) or out.returncode == -9, (kill_at, out.stderr)
+        assert weight.shape == (2, 2), kill_at
+        common.save_checkpoint(str(tmp_path), 2, torch.nn.Linear(2, 2), None, None, {"script": "toy"})
+        assert not [d for d in os.listdir(tmp_path) if d.startswith((".tmp_", ".old_"))], kill_at
+        assert common.resolve_resume(str(tmp_path), "auto").endswith("step_0000002")
+        for d in os.listdir(tmp_path):
+            if d.startswith("step_"):
+                common.shutil.rmtree(tmp_path / d)
+        os.remove(tmp_path / "latest")
 
 
 def test_write_killed_halfway_keeps_last_good(tmp_path):
@@ -369,14 +433,37 @@ def test_write_killed_halfway_keeps_last_good(tmp_path):
     assert state["step"] == 1
 
 
-def test_train_state_refuses_pickled_objects(tmp_path):
+def test_corrupt_files_are_one_line_errors(tmp_path):
+    """A pickled object, a truncated or random-bytes file, a missing file, another model's shape: each a one-line
+    error naming the file."""
     model, ema, opt = tiny_training_objects()
     ckpt = common.save_checkpoint(str(tmp_path), 1, model, ema.model, opt, {"script": "toy"})
-    torch.save(
-        {"step": 1, "rng": common.rng_state(), "evil": tiny_training_objects}, os.path.join(ckpt, "train_state.pt")
-    )
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
-        common.load_checkpoint(ckpt, model)
+    state_path = os.path.join(ckpt, "train_state.pt")
+    good_state = open(state_path, "rb").read()
+
+    def error(fn):
+        with pytest.raises(SystemExit) as info:
+            fn()
+        text = str(info.value.code)
+        assert text.startswith("error: ") and "\n" not in text, text
+        return text
+
+    torch.save({"step": 1, "rng": common.rng_state(), "evil": tiny_training_objects}, state_path)
+    assert "pickled objects" in error(lambda: common.load_checkpoint(ckpt, model))
+    open(state_path, "wb").write(good_state[: len(good_state) // 2])
+    assert "train_state.pt is missing, truncated or corrupt" in error(lambda: common.load_checkpoint(ckpt, model))
+    open(state_path, "wb").write(good_state)
+    weights = os.path.join(ckpt, "model.safetensors")
+    good_weights = open(weights, "rb").read()
+    for bad in (good_weights[:-50], os.urandom(4096), b""):
+        open(weights, "wb").write(bad)
+        assert "model.safetensors" in error(lambda: common.load_checkpoint(ckpt, model))
+        assert "not a readable checkpoint" in error(lambda: common.load_config(ckpt))
+    open(weights, "wb").write(good_weights)
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
+    assert "does not fit this model" in error(lambda: common.load_checkpoint(ckpt, wider))
+    os.remove(state_path)
+    assert "train_state.pt is missing" in error(lambda: common.load_checkpoint(ckpt, model))
 
 
 def test_import_prints_nothing():
@@ -392,28 +479,115 @@ def test_image_grid_and_loss_plot(tmp_path):
     common.save_image_grid(x, str(tmp_path / "grid.png"))
     log = common.Logger(str(tmp_path))
     for step in range(1, 4):
-        log.log(step, loss=1.0 / step, lr=1e-3)
+        log.log(step, loss=1.0 / step, lr=1e-3, loss_bins=[1.0, None])
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["loss"] for r in rows] == [1.0, 0.5, 1.0 / 3]
     common.plot_loss(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
+    common.plot_bins(str(tmp_path / "log.jsonl"), str(tmp_path / "bins.png"))
+    common.plot_loss(str(tmp_path / "missing.jsonl"), str(tmp_path / "none.png"))  # no log yet: no plot, no error
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "bins.png").stat().st_size > 0 and not (tmp_path / "none.png").exists()
 
 
-def test_loss_bins():
-    bins = common.LossBins(4)
-    bins.add(torch.tensor([1.0, 3.0, 5.0, 7.0]), torch.tensor([0.1, 0.2, 0.6, 1.0]))
-    means = bins.means()
-    assert means[0] == 2.0 and math.isnan(means[1]) and means[2] == 5.0 and means[3] == 7.0
+def test_metrics_sums_means_and_bins():
+    metrics = common.Metrics(torch.device("cpu"), n_bins=4)
+    metrics.add(loss=torch.tensor([1.0, 3.0]))
+    metrics.add(loss=torch.tensor([5.0]))
+    metrics.add_binned("loss_bins", torch.tensor([1.0, 3.0, 5.0, 7.0]), torch.tensor([0.1, 0.2, 0.6, 1.0]))
+    out = metrics.reduce()
+    assert out == {"loss": 3.0, "loss_bins": [2.0, None, 5.0, 7.0]}
+    assert metrics.reduce() == {"loss": None, "loss_bins": [None] * 4}  # reset after reading
 
 
-def test_d3pm_uniform_posterior_matches_brute_force():
-    """Austin et al. eq. 4 summed by hand: p(x_s | x_t) oc sum_x0 p(x0 | x_t) q(x_t | x_s) q(x_s | x0)."""
-    K, keep_t, keep_s = 4, 0.3, 0.7
-    p_x0 = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
-    x_t = torch.tensor(2)
-    q_step = lambda a, src: a * torch.eye(K, dtype=torch.float64)[src] + (1 - a) / K  # noqa: E731  next-state dist.
-    brute = torch.zeros(K, dtype=torch.float64)
-    for x0 in range(K):
-        brute += p_x0[x0] * torch.stack([q_step(keep_t / keep_s, xs)[x_t] * q_step(keep_s, x0)[xs] for xs in range(K)])
-    post = common.d3pm_uniform_posterior(x_t, p_x0, keep_t, keep_s)
-    torch.testing.assert_close(post / post.sum(), brute / brute.sum())
+def test_rules_and_choices(tmp_path):
+    ns = {"BATCH_SIZE": 8, "EVERY": 5, "DROP": 0.1, "MODE": "a", "BETAS": (0.9, 0.99)}
+    ns["__annotations__"] = {
+        "BATCH_SIZE": common.bounds("> 0"),
+        "EVERY": common.bounds("> 0 or -1"),
+        "DROP": common.bounds("0..1"),
+        "MODE": common.choices("a", "b"),
+        "BETAS": common.bounds("0..0.999"),
+    }
+    assert common.apply_overrides(dict(ns), ["every=-1", "drop=1", "mode=b"])["every"] == -1
+    for arg, message in [
+        ("batch_size=0", "batch_size=0 is out of range; it must be > 0"),
+        ("batch_size=-8", "it must be > 0"),
+        ("every=0", "every=0 is out of range; it must be > 0 or -1"),
+        ("drop=1.5", "drop=1.5 is out of range; it must be 0..1"),
+        ("mode=c", "mode='c' is not a choice; choose one of a, b"),
+        ("betas=(0.9,1.5)", "betas=1.5 is out of range"),
+        ("drop=1e999", "expected a finite number"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            common.apply_overrides(dict(ns), [arg])
+        assert message in str(info.value.code), (arg, info.value.code)
+    with pytest.raises(SystemExit, match="mode is given twice"):
+        common.apply_overrides(dict(ns), ["mode=a", "mode=b"])
+
+
+def _uniform_step(a, K):
+    """The uniform-D3PM transition matrix M[i, j] = P(next = j | current = i) = a [i = j] + (1 - a) / K."""
+    return a * torch.eye(K, dtype=torch.float64) + (1 - a) / K
+
+
+def test_d3pm_reverse_is_exact_for_the_ideal_denoiser():
+    """With the ideal per-cell denoiser of a known categorical prior pi, p(x0 | x_t) oc pi q(x_t | x0), one reverse
+    step equals the exact q(x_s | x_t) by Bayes, q(x_s | x_t) oc q(x_t | x_s) q(x_s), for every x_t."""
+    K, keep_t, keep_s = 5, 0.3, 0.7
+    pi = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)
+    q_s = pi @ _uniform_step(keep_s, K)  # q(x_s)
+    q_ts = _uniform_step(keep_t / keep_s, K)  # q(x_t | x_s)
+    q_t0 = _uniform_step(keep_t, K)  # q(x_t | x0)
+    for x_t in range(K):
+        posterior = pi * q_t0[:, x_t] / (pi * q_t0[:, x_t]).sum()  # the ideal denoiser's p(x0 | x_t)
+        exact = q_ts[:, x_t] * q_s / (q_ts[:, x_t] * q_s).sum()
+        step = common.d3pm_uniform_reverse(torch.tensor(x_t), posterior, keep_t, keep_s)
+        torch.testing.assert_close(step, exact)
+        assert float(step.sum()) == pytest.approx(1.0)
+
+
+def test_d3pm_reverse_chain_returns_the_prior():
+    """From the exact marginal at the noisiest level, the chain of exact reverse steps driven by the ideal denoiser
+    returns the prior: the distribution of every x_s, tracked in closed form, is q(x_s), ending at pi."""
+    K, floor = 4, 0.02
+    pi = torch.tensor([0.55, 0.25, 0.15, 0.05], dtype=torch.float64)
+    levels = torch.linspace(1, 0, 9, dtype=torch.float64)
+    keep = common.d3pm_keep_prob(levels, floor)
+    dist = pi @ _uniform_step(float(keep[0]), K)  # q(x_1)
+    for k in range(len(levels) - 1):
+        keep_t, keep_s = float(keep[k]), float(keep[k + 1])
+        q_t0 = _uniform_step(keep_t, K)
+        x_t = torch.arange(K)
+        posterior = pi * q_t0.T / (pi * q_t0.T).sum(-1, keepdim=True)  # (K x_t, K x0)
+        kernel = common.d3pm_uniform_reverse(x_t, posterior, keep_t, keep_s)  # (K x_t, K x_s)
+        dist = dist @ kernel
+        torch.testing.assert_close(dist, pi @ _uniform_step(keep_s, K))
+    torch.testing.assert_close(dist, pi)
+    # the eq. 4 kernel without the division by q(x_t | x0) (the earlier sampler) does not return the prior
+    dist = pi @ _uniform_step(float(keep[0]), K)
+    for k in range(len(levels) - 1):
+        keep_t, keep_s = float(keep[k]), float(keep[k + 1])
+        q_t0 = _uniform_step(keep_t, K)
+        posterior = pi * q_t0.T / (pi * q_t0.T).sum(-1, keepdim=True)
+        a_ts = keep_t / keep_s
+        eq4 = (a_ts * torch.eye(K, dtype=torch.float64) + (1 - a_ts) / K) * (keep_s * posterior + (1 - keep_s) / K)
+        dist = dist @ (eq4 / eq4.sum(-1, keepdim=True))
+    assert (dist - pi).abs().max() > 0.02
+
+
+def test_d3pm_reverse_samples_match_in_a_monte_carlo_chain():
+    """Sampling cell by cell through the chain (as train_arc.sample_grids does) reproduces pi empirically."""
+    K, floor, n = 4, 0.02, 40000
+    pi = torch.tensor([0.55, 0.25, 0.15, 0.05], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    levels = torch.linspace(1, 0, 9, dtype=torch.float64)
+    keep = common.d3pm_keep_prob(levels, floor)
+    x = torch.multinomial(pi @ _uniform_step(float(keep[0]), K), n, replacement=True, generator=g)
+    for k in range(len(levels) - 1):
+        keep_t, keep_s = float(keep[k]), float(keep[k + 1])
+        like = _uniform_step(keep_t, K)[:, x].T  # (n, K): q(x_t | x0 = k)
+        posterior = pi * like / (pi * like).sum(-1, keepdim=True)
+        q = common.d3pm_uniform_reverse(x, posterior, keep_t, keep_s)
+        x = torch.multinomial(q, 1, generator=g)[:, 0]
+    freq = torch.bincount(x, minlength=K).double() / n
+    assert (freq - pi).abs().max() < 0.01, freq
