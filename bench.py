@@ -4,10 +4,12 @@
     python bench.py arc          # ARC training examples/s and peak memory per preset
     python bench.py models       # image backbones: train / sample samples/s and peak memory
 
-Each prints a table and writes bench_<name>.json (key out_dir=... to choose the folder).
+Each prints a table and writes bench_<name>.json (key out_dir=... to choose the folder);
+`python bench.py NAME --help` lists that benchmark's options.
 """
 
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -18,8 +20,6 @@ import torch
 import common
 import models
 
-# ----------------------------------------------------------------------------------------------------------------
-# samplers
 # ----------------------------------------------------------------------------------------------------------------
 # Shared measurement: every timed benchmark runs each case in a fresh process, so peak memory is its own
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,15 +59,23 @@ def seconds_per_call(f, iters, dev):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# samplers
+# ----------------------------------------------------------------------------------------------------------------
 
-SAMPLER_MIXTURE = dict(weights=[0.5, 0.3, 0.2], means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.3, 0.5, 0.2])
+SAMPLER_MIXTURE = {"weights": [0.5, 0.3, 0.2], "means": [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], "stds": [0.3, 0.5, 0.2]}
+SAMPLER_BENCH = {  # key=value overrides of `python bench.py samplers`
+    "N": 50_000,  # samples per sampler, schedule and NFE
+    "OUT_DIR": ".",  # where bench_samplers.json goes
+}
 
 
 def bench_samplers(argv):
     """Distribution error (GaussianMixture.error: max of weight, mean / std and relative std errors) against NFE for
     every sampler and schedule, driven by the mixture's closed-form optimal denoiser (v-prediction)."""
-    cfg = common.apply_overrides({"N": 50_000, "OUT_DIR": "."}, argv)  # samples; folder for the JSON
+    cfg = common.apply_overrides(dict(SAMPLER_BENCH, __doc__=bench_samplers.__doc__), argv)
     n, out_dir = cfg["n"], cfg["out_dir"]
+    if n < 2:
+        common.die(f"n={n}: give at least 2 samples")
     torch.set_num_threads(1)  # many tiny tensor operations: intra-op threads only add overhead
     mixture = common.GaussianMixture(**SAMPLER_MIXTURE)
     floor = mixture.error(mixture.sample(n, torch.Generator().manual_seed(0)))["max"]
@@ -120,11 +128,12 @@ def _arc_one(args):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01)
     gen = torch.Generator(device=dev).manual_seed(0)
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    recipe = (train_arc.T_STEPS, train_arc.KEEP_FLOOR, train_arc.SELF_COND_PROB, train_arc.SIZE_WEIGHT)  # defaults
 
     def train_step():
         idx = torch.randint(0, len(pairs), (batch,), generator=gen, device=dev)
         with autocast:
-            loss = train_arc.training_loss(net, data, idx, gen)[0]
+            loss = train_arc.training_loss(net, data, idx, gen, *recipe)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -283,20 +292,25 @@ def bench_models(argv):
     print(f"wrote {path}")
 
 
-BENCHES = {  # name -> function(argv)
-    "samplers": bench_samplers,
-    "arc": bench_arc,
-    "models": bench_models,
+BENCHES = {  # name -> (function(argv), its options, the name of that dict in this file)
+    "samplers": (bench_samplers, SAMPLER_BENCH, "SAMPLER_BENCH"),
+    "arc": (bench_arc, ARC_BENCH, "ARC_BENCH"),
+    "models": (bench_models, MODEL_BENCH, "MODEL_BENCH"),
 }
 
 
 def main(argv):
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
-        print(__doc__)
-        if argv and argv[0] not in ("-h", "--help"):
-            common.die(f"unknown benchmark {argv[0]!r}; choose one of {sorted(BENCHES)}")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__.strip())
         return
-    BENCHES[argv[0]](argv[1:])
+    if argv[0] not in BENCHES:
+        common.die(f"unknown benchmark {argv[0]!r}; choose one of {', '.join(BENCHES)}")
+    bench, options, name = BENCHES[argv[0]]
+    if any(a in ("-h", "--help", "help") for a in argv[1:]):
+        namespace = {**options, "__doc__": inspect.cleandoc(bench.__doc__), "__file__": __file__, "__options__": name}
+        common.print_help(namespace, f"python bench.py {argv[0]} key=value")
+        return
+    bench(argv[1:])
 
 
 if __name__ == "__main__":

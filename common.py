@@ -56,14 +56,20 @@ _DICT_LINE = re.compile(r'^\s+"([A-Z][A-Z0-9_]*)":\s.*?#\s?(.*)$')  # "NAME": va
 
 
 def _comments(namespace):
-    """The trailing `# comment` of each `NAME = value  # comment` (or `"NAME": value,  # comment`) line of the file
-    that owns `namespace`."""
-    path = namespace.get("__file__")
+    """The trailing `# comment` of each `NAME = value  # comment` line of the file that owns `namespace`
+    (namespace["__file__"]); with namespace["__options__"] = "EVAL", of each `"NAME": value,  # comment` line inside
+    that option dict `EVAL = {...}` only (its keys may repeat the module's constants)."""
+    path, block = namespace.get("__file__"), namespace.get("__options__")
     if not path or not os.path.exists(path):
         return {}
-    found = {}
+    found, inside = {}, block is None
     for line in open(path, encoding="utf-8"):
-        m = _CONSTANT_LINE.match(line.rstrip()) or _DICT_LINE.match(line.rstrip())
+        if not inside:
+            inside = re.match(rf"{block}\s*=\s*{{", line) is not None
+            continue
+        if block is not None and line.startswith("}"):
+            break
+        m = (_DICT_LINE if block else _CONSTANT_LINE).match(line.rstrip())
         if m:
             found.setdefault(m.group(1), m.group(2))
     return found
@@ -149,15 +155,15 @@ def _check_rule(name, value, rule):
                 die(f"{name.lower()}={v!r} is out of range; it must be {rule}")
 
 
-def print_help(namespace):
-    """Print the script's docstring and every constant with its default, its choices or range, and its comment."""
+def print_help(namespace, title="overrides (key=value)"):
+    """Print the namespace's docstring and every constant with its default, its choices or range, and its comment."""
     doc = (namespace.get("__doc__") or "").strip()
     if doc:
         print(doc + "\n")
     comments, rules = _comments(namespace), namespace.get("__annotations__", {})
     consts = _constants(namespace)
-    width = max((len(k) + len(repr(v)) for k, v in consts.items()), default=0) + 3
-    print("overrides (key=value):")
+    width = min(28, max((len(k) + len(repr(v)) for k, v in consts.items()), default=0) + 3)
+    print(f"{title}:")
     for k, v in consts.items():
         left, rule = f"{k.lower()}={v!r}", rules.get(k)
         allowed = f"[{' | '.join(map(str, rule))}] " if isinstance(rule, tuple) else f"[{rule}] " if rule else ""

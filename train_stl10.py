@@ -21,6 +21,7 @@ import hashlib
 import os
 import sys
 import tarfile
+import time
 
 import numpy as np
 import torch
@@ -455,7 +456,6 @@ def evaluate(model, config, opts, out_dir):
     """Sample N_SAMPLES images from a rebuilt train_stl10 network and score them against real images of the
     checkpoint's data: FD-EffNet and KID-EffNet (plus FID and KID-Inception with inception=), and the same scores
     for real images of the other split (the floor). -> (result dict, [(path, what it holds)])."""
-    import time
 
     check_eval_options(opts, config)
     device = next(model.parameters()).device

@@ -100,9 +100,11 @@ def run(args, cwd=ROOT, check=True, timeout=600):
 
 
 def train(data_dir, out_dir, *extra):
-    args = [sys.executable, "train_stl10.py", f"data_dir={data_dir}", f"out_dir={out_dir}", "size=tiny"]
-    args += ["image_size=32", "batch_size=8", "grad_accum=2", "patch=4", "sample_steps=10", "grid_cols=2"]
-    return run(args + ["log_every=1", "mixed_precision=no", *extra])
+    """train_stl10.py at a tiny size; `extra` overrides replace the defaults given here (a key may be given once)."""
+    args = [f"data_dir={data_dir}", f"out_dir={out_dir}", "size=tiny", "image_size=32", "batch_size=8"]
+    args += ["grad_accum=2", "patch=4", "sample_steps=10", "grid_cols=2", "log_every=1", "mixed_precision=no"]
+    keys = {a.split("=", 1)[0] for a in extra}
+    return run([sys.executable, "train_stl10.py"] + [a for a in args if a.split("=", 1)[0] not in keys] + list(extra))
 
 
 def losses(out_dir):
@@ -135,15 +137,16 @@ def test_loader_reads_official_layout(photo_data):
 
 
 def test_evaluation_subsets_span_the_classes(photo_data):
-    """The photo-crop splits are stored sorted by class; evaluate.py's real and floor subsets must still span them."""
-    import evaluate
+    """The photo-crop splits are stored sorted by class; the evaluation's real and floor subsets (common.subset) must
+    still span them."""
+    import common
 
     data_dir, _ = photo_data
     _, labels, _ = train_stl10.load_dataset(data_dir, "train")  # 8 per class, sorted
-    idx = evaluate.subset(len(labels), 20)
-    assert len(idx) == len(set(idx.tolist())) == 20 and torch.equal(idx, evaluate.subset(len(labels), 20))
+    idx = common.subset(len(labels), 20)
+    assert len(idx) == len(set(idx.tolist())) == 20 and torch.equal(idx, common.subset(len(labels), 20))
     assert len(set(labels[idx].tolist())) >= 8  # the first 20 would hold 3 classes
-    assert torch.equal(evaluate.subset(len(labels), 500), torch.arange(len(labels)))
+    assert torch.equal(common.subset(len(labels), 500), torch.arange(len(labels)))
 
 
 def test_missing_and_truncated_files_die(photo_data, tmp_path):
@@ -202,7 +205,7 @@ def test_end_to_end(photo_data, tmp_path, model, cond, lr):
     for kind in ("grid", "collage", "recon", "loss_bins") + (("embeddings",) if cond != "none" else ()):
         assert os.path.isfile(os.path.join(out, "samples", f"step_0000040_{kind}.png")), kind
     ev = run([sys.executable, "evaluate.py", out, "n_samples=6", "n_real=20", "sample_steps=4", "batch=3"])
-    assert "FD-EffNet" in ev.stdout and os.path.isfile(os.path.join(out, "step_0000040", "eval_images.json"))
+    assert "FD-EffNet" in ev.stdout and os.path.isfile(os.path.join(out, "step_0000040", "eval.json"))
     if cond == "none":
         proc = run([sys.executable, "evaluate.py", out, "guidance=2"], check=False)
         assert proc.returncode != 0 and "unconditional" in proc.stderr and "Traceback" not in proc.stderr
@@ -236,3 +239,48 @@ def test_two_processes_train(photo_data, tmp_path):
     args += [f"data_dir={data_dir}", f"out_dir={out}", "size=tiny", "image_size=32", "batch_size=8", "grad_accum=2"]
     run(args + ["max_steps=4", "log_every=2", "sample_every=-1", "mixed_precision=no"])
     assert len(losses(out)) == 2 and os.path.isfile(os.path.join(out, "step_0000004", "ema.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: seeds, divergence, checkpoint before the first log line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_seed_makes_fresh_runs_bitwise_equal(photo_data, tmp_path):
+    """Two fresh runs with the same seed give bitwise equal weights after 2 steps (initialisation included);
+    another seed gives other weights. A checkpoint before the first log line (ckpt_every < log_every) works."""
+    data_dir, _ = photo_data
+    args = ["max_steps=2", "sample_every=-1", "ckpt_every=1", "log_every=5", "grad_accum=1"]
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(data_dir, str(tmp_path / name), *args, f"seed={seed}")
+        runs[name] = weights(str(tmp_path / name / "step_0000002"))
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert sum(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"]) > len(runs["a"]) // 2
+    assert os.path.isfile(tmp_path / "a" / "step_0000001" / "model.safetensors")
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(photo_data, tmp_path):
+    """10 good steps, then lr=1e6 clip=1e9 resume=auto: a non-zero exit with a one-line error naming the step and
+    the last good checkpoint; `latest` stays that finite checkpoint."""
+    data_dir, _ = photo_data
+    out = str(tmp_path / "run")
+    base = ["sample_every=-1", "ckpt_every=5", "log_every=5", "grad_accum=1", "lr=1e-3"]
+    train(data_dir, out, *base, "max_steps=10")
+    args = [f"data_dir={data_dir}", f"out_dir={out}", "size=tiny", "image_size=32", "batch_size=8"]
+    args += ["mixed_precision=no", *base[:-1], "max_steps=40", "lr=1e6", "clip=1e9", "resume=auto"]
+    proc = run([sys.executable, "train_stl10.py", *args], check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert last.startswith("error: the loss or gradient norm became non-finite at step ") and "step_0000010" in last
+    latest = open(os.path.join(out, "latest")).read().strip()
+    assert latest == "step_0000010"
+    assert all(torch.isfinite(v).all() for v in weights(os.path.join(out, latest)).values())
+    ev = run([sys.executable, "evaluate.py", out, "n_samples=2", "n_real=10", "sample_steps=2", "batch=2"], check=False)
+    assert "non-finite" not in ev.stderr  # the checkpoint left behind is a good one
