@@ -1,8 +1,30 @@
-"""Every backbone of nanodiffusion, as plain nn.Modules.
+"""Every backbone of nanodiffusion, as plain nn.Modules; this file imports nothing from the project.
 
-Contract: every denoiser is called as `model(x, t, cond=None)` with t in [0, 1] (t=0 clean, t=1 noise, see
-common.py) and returns a tensor shaped like its output. Every registry entry has a `tiny` preset.
-Shape letters: B batch, C channels, H/W height/width, D depth (3D) or model width, L tokens.
+Contract: every backbone is called as `model(x, t, cond=None)` and returns a tensor shaped like its output.
+t (B,) is the noise level, in [0, 1] (t=0 clean, t=1 noise, see common.py) for the image backbones; ArcDenoiser
+takes a log-SNR instead (see its docstring). `cond` for UNet, DiT and U-ViT (ArcDenoiser has its own dict) is:
+  - None: every condition the model was built with takes its learned null (unconditional);
+  - class ids (B,) long, id num_classes being the null class: shorthand for {"class": ids};
+  - a dict of any of
+      "class"        (B,) long class ids;
+      "vector"       (B, vector_dim) float, e.g. an age, augmentation parameters, a size histogram;
+      "context"      (B, L, context_dim) float token sequence, read by cross-attention (U-ViT: as tokens);
+      "context_mask" (B, L) bool, True = a real token; padding tokens are not attended;
+      "concat"       (B, concat_channels, *spatial) float, e.g. a mask channel, concatenated to x along channels
+                     before the first layer;
+      "drop"         (B,) bool, True replaces EVERY condition of that sample by its learned null (classifier-free
+                     guidance, Ho & Salimans 2022, arXiv:2207.12598, and training-time condition dropout).
+    A key that is absent or None takes the learned null for the whole batch. A key the model was not built for
+    raises ValueError naming the constructor argument; a wrong shape raises ValueError with expected and got shapes.
+Learned nulls: class -> embedding row num_classes; vector -> a learned embedding replacing the embedded vector;
+context -> one learned token (1, context_dim) standing in for the whole sequence (a dropped sample of a longer
+context gets it at every position, all valid, which attends exactly like the single token; U-ViT, whose context
+has a fixed count context_len, repeats it context_len times); concat -> a learned per-channel constant
+(concat_channels,) broadcast over space.
+UNet, DiT and U-ViT take `num_classes=0, vector_dim=0, context_dim=0, concat_channels=0`; the network sees
+in_channels + concat_channels input channels and outputs out_channels (default in_channels).
+Every registry entry has a `tiny` preset.
+Shape letters: B batch, C channels, H/W height/width, D model width, L tokens, G ARC grid side.
 """
 
 import math
@@ -10,8 +32,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
+from einops import rearrange
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -47,59 +68,180 @@ def zero_module(module):
     return module
 
 
+class TimestepEmbedder(nn.Module):
+    """Noise level (B,) -> (B, dim): sinusoidal features of scale * t, then Linear, SiLU, Linear (Ho et al. 2020,
+    arXiv:2006.11239 app. B; the timestep embedder of DiT, arXiv:2212.09748)."""
+
+    def __init__(self, dim, freq_dim=256, scale=1000.0):
+        super().__init__()
+        self.freq_dim, self.scale = freq_dim, scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        features = timestep_embedding(t, self.freq_dim, scale=self.scale)  # (B, freq_dim), float32
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # so a model cast to half precision still runs
+
+
+COND_KEYS = {  # cond key -> the constructor argument that enables it
+    "class": "num_classes",
+    "vector": "vector_dim",
+    "context": "context_dim",
+    "context_mask": "context_dim",
+    "concat": "concat_channels",
+    "drop": None,  # valid for every model
+}
+
+
+def _check_shape(key, value, expected, dtype=None):
+    """ValueError unless value has the dtype kind asked for ("bool", "int" or None = any) and a shape matching
+    `expected` (None = any size)."""
+    if dtype == "bool" and value.dtype != torch.bool:
+        raise ValueError(f"cond[{key!r}]: expected a bool tensor, got {value.dtype}")
+    if dtype == "int" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise ValueError(f"cond[{key!r}]: expected integer class ids, got {value.dtype} (a context goes in 'context')")
+    got = tuple(value.shape)
+    if len(got) != len(expected) or any(e is not None and g != e for g, e in zip(got, expected)):
+        sizes = ["L" if e is None else str(e) for e in expected]
+        want = f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''})"  # written like a tuple, L = any length
+        raise ValueError(f"cond[{key!r}]: expected shape {want}, got {got}")
+
+
+class ConditionEmbedder(nn.Module):
+    """Turns `cond` (see the module docstring) into what a backbone consumes, with a learned null per condition for
+    classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598): a (B, dim) embedding (class embedding + vector
+    MLP) to add to the time embedding, the cross-attention context and its mask, and the channels to concatenate.
+
+    The vector goes through a plain MLP; SDXL (Podell et al. 2023, arXiv:2307.01952, sec. 2.2) embeds each scalar
+    with Fourier features first, which callers can do before passing the vector. `context_len` > 0 fixes the
+    number of context tokens (U-ViT); 0 lets it vary, with the null a single token.
+    """
+
+    def __init__(self, dim, num_classes=0, vector_dim=0, context_dim=0, concat_channels=0, context_len=0):
+        super().__init__()
+        self.num_classes, self.vector_dim, self.context_dim = num_classes, vector_dim, context_dim
+        self.concat_channels, self.context_len = concat_channels, context_len
+        self.class_emb = nn.Embedding(num_classes + 1, dim) if num_classes else None  # last row: the null class
+        self.vector_mlp = (
+            nn.Sequential(nn.Linear(vector_dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if vector_dim else None
+        )
+        self.vector_null = nn.Parameter(torch.zeros(dim)) if vector_dim else None
+        self.context_null = nn.Parameter(torch.zeros(1, context_dim)) if context_dim else None
+        self.concat_null = nn.Parameter(torch.zeros(concat_channels)) if concat_channels else None
+
+    def _validate(self, cond, x):
+        """cond -> a dict of the keys present (not None), each checked against the constructor and x (B, C, ...)."""
+        if cond is None:
+            return {}
+        if torch.is_tensor(cond):
+            cond = {"class": cond}
+        if not isinstance(cond, dict):
+            raise TypeError(f"cond must be None, class ids (B,) or a dict, got {type(cond).__name__}")
+        cond = {k: v for k, v in cond.items() if v is not None}
+        for key in cond:
+            if key not in COND_KEYS:
+                raise ValueError(f"unknown cond key {key!r}; the keys are {', '.join(COND_KEYS)}")
+            if COND_KEYS[key] and not getattr(self, COND_KEYS[key]):
+                raise ValueError(f"cond key {key!r} given, but the model was built with {COND_KEYS[key]}=0")
+        if "context_mask" in cond and "context" not in cond:
+            raise ValueError("cond['context_mask'] given without cond['context']")
+        B = x.shape[0]
+        L = cond["context"].shape[1] if "context" in cond else None
+        expected = {
+            "class": ((B,), "int"),
+            "vector": ((B, self.vector_dim), None),
+            "context": ((B, self.context_len or None, self.context_dim), None),
+            "context_mask": ((B, L), "bool"),
+            "concat": ((B, self.concat_channels, *x.shape[2:]), None),
+            "drop": ((B,), "bool"),
+        }
+        for key, value in cond.items():
+            _check_shape(key, value, *expected[key])
+        return cond
+
+    def forward(self, cond, x):
+        """-> (emb (B, dim) or None, context (B, L, context_dim) or None, context_mask (B, L) bool or None,
+        concat (B, concat_channels, *spatial) or None), for the network input x (B, C, *spatial)."""
+        cond = self._validate(cond, x)
+        # a drop flag always exists, so every null is in the autograd graph (DDP sees every parameter used)
+        drop = cond.get("drop", torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+        return (self._embedding(cond, drop), *self._context(cond, drop), self._concat(cond, drop, x))
+
+    def _embedding(self, cond, drop):
+        parts = []
+        if self.class_emb is not None:
+            ids = cond.get("class", torch.full_like(drop, self.num_classes, dtype=torch.long))
+            parts.append(self.class_emb(ids.masked_fill(drop, self.num_classes)))
+        if self.vector_mlp is not None:
+            null = self.vector_null.expand(drop.shape[0], -1)
+            emb = self.vector_mlp(cond["vector"].to(null.dtype)) if "vector" in cond else null
+            parts.append(torch.where(drop[:, None], null, emb))
+        return sum(parts[1:], parts[0]) if parts else None
+
+    def _context(self, cond, drop):
+        if not self.context_dim:
+            return None, None
+        if "context" not in cond:
+            return self.context_null.expand(drop.shape[0], self.context_len or 1, -1), None
+        context, mask = cond["context"], cond.get("context_mask")
+        # a dropped sample gets the null token at every position, all valid: attending to L copies of one token is
+        # attending to that token, so this equals the single null token of an unconditional call
+        context = torch.where(drop[:, None, None], self.context_null.to(context.dtype), context)
+        return context, None if mask is None else mask | drop[:, None]
+
+    def _concat(self, cond, drop, x):
+        if not self.concat_channels:
+            return None
+        spatial = [1] * (x.ndim - 2)
+        null = self.concat_null.to(x.dtype).view(1, -1, *spatial).expand(x.shape[0], -1, *x.shape[2:])
+        if "concat" not in cond:
+            return null
+        return torch.where(drop.view(-1, 1, *spatial), null, cond["concat"].to(x.dtype))
+
+
 class Attention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017, arXiv:1706.03762) via F.scaled_dot_product_attention.
 
-    Self-attention when `context_dim` is 0; cross-attention to a (B, L_c, context_dim) sequence otherwise.
+    Self-attention when called without a context; cross-attention to a (B, L_kv, context_dim) sequence when built
+    with context_dim > 0. qk_norm: RMSNorm on queries and keys per head (the QK-normalization of Esser et al. 2024,
+    arXiv:2403.03206). zero_init: the output projection starts at zero, so a residual branch starts as the identity.
     """
 
-    def __init__(self, dim, heads, context_dim=0, zero_init=False):
+    def __init__(self, dim, heads, context_dim=0, qk_norm=False, zero_init=False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
         self.heads, self.is_cross = heads, context_dim > 0
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = zero_module(nn.Linear(dim, dim)) if zero_init else nn.Linear(dim, dim)
 
-    def forward(self, x, context=None):
-        B, L, D = x.shape
+    def forward(self, x, context=None, mask=None):
+        """x (B, L_q, dim), context (B, L_kv, context_dim) or None -> (B, L_q, dim). mask: bool, True = may attend;
+        (B, L_kv) key padding, or (1 or B, L_q, L_kv) per query. A query with no key to attend to outputs zero.
+        """
+        q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads)
         source = x if context is None else context
-        q = self.q(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, heads, L, D/heads)
-        k, v = self.kv(source).view(B, source.shape[1], 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, D/heads)
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
-
-
-def class_or_context(cond, batch, num_classes, context_dim, device):
-    """Split `cond` into (class ids (B,) or None, context (B, L, context_dim) or None).
-
-    Class ids: None means the null class `num_classes` (classifier-free guidance, Ho & Salimans 2022, arXiv:2207.12598).
-    Context: a float sequence; None means no cross-attention input (the caller supplies its own null, e.g. "").
-    """
-    if num_classes:
-        if cond is None:
-            return torch.full((batch,), num_classes, dtype=torch.long, device=device), None
-        if cond.dtype.is_floating_point or cond.shape != (batch,):
-            raise ValueError(f"class-conditional model expects cond = class ids of shape ({batch},), got {cond.shape}")
-        return cond, None
-    if context_dim and cond is not None:
-        if cond.ndim != 3 or cond.shape[0] != batch or cond.shape[2] != context_dim:
-            raise ValueError(
-                f"context model expects cond of shape ({batch}, L, {context_dim}), got {tuple(cond.shape)}"
-            )
-        return None, cond
-    if cond is not None and not context_dim:
-        raise ValueError("this model is unconditional (num_classes=0, context_dim=0) but got a cond")
-    return None, None
+        k, v = rearrange(self.kv(source), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if mask is not None:
+            mask = mask[:, None, None] if mask.ndim == 2 else mask[:, None]  # (B or 1, 1, L_q or 1, L_kv)
+            empty = ~mask.any(-1, keepdim=True)  # rows with no valid key would give NaN (softmax of all -inf)
+            mask = mask | empty
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L_q, D/heads)
+        if mask is not None:
+            out = out.masked_fill(empty, 0.0)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 def unpatchify(tokens, grid, patch, channels):
-    """(B, prod(grid), prod(patch) * C) -> (B, C, grid_1 * patch_1, ..., grid_n * patch_n)."""
-    n = len(grid)
-    x = tokens.reshape(tokens.shape[0], *grid, *patch, channels)  # (B, g_1..g_n, p_1..p_n, C)
-    order = [0, 2 * n + 1] + [a for i in range(n) for a in (1 + i, 1 + n + i)]  # B, C, g_1, p_1, ..., g_n, p_n
-    return x.permute(*order).reshape(tokens.shape[0], channels, *[g * p for g, p in zip(grid, patch)])
+    """(B, prod(grid), prod(patch) * C) -> (B, C, grid_1 * patch_1, ..., grid_n * patch_n); tokens in row-major
+    grid order, each token's values ordered (p_1, ..., p_n, C) as a patch-embedding Linear would produce them."""
+    n = range(len(grid))
+    g, p = " ".join(f"g{i}" for i in n), " ".join(f"p{i}" for i in n)
+    pattern = f"b ({g}) ({p} c) -> b c " + " ".join(f"(g{i} p{i})" for i in n)
+    return rearrange(tokens, pattern, c=channels, **{f"g{i}": grid[i] for i in n}, **{f"p{i}": patch[i] for i in n})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,27 +251,21 @@ def unpatchify(tokens, grid, patch, channels):
 
 class ArcBlock(nn.Module):
     """Post-LN transformer encoder layer (Vaswani et al. 2017, arXiv:1706.03762): x = LN(x + MHA(x)),
-    x = LN(x + FFN(x)); attention through scaled_dot_product_attention with a boolean mask (True = may attend).
-    Dropout acts on the residual branches and inside the FFN, not on the attention weights (which would force the
-    slow unfused attention kernel)."""
+    x = LN(x + FFN(x)), with the shared Attention and a boolean mask (True = may attend). Dropout acts on the
+    residual branches and inside the FFN, not on the attention weights (which would force the slow unfused
+    attention kernel)."""
 
     def __init__(self, d_model, n_heads, dropout=0.1):
         super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.attn = Attention(d_model, n_heads)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d_model, d_model)
         )
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, attn_mask=None):
-        B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, h, L, D/h)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
-        a = a.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
-        x = self.norm1(x + self.drop(self.proj(a)))
+    def forward(self, x, mask=None):
+        x = self.norm1(x + self.drop(self.attn(x, mask=mask)))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -144,9 +280,12 @@ class ArcDenoiser(nn.Module):
     the same thing at training and at inference, where predict_size() runs the prefix only.
 
     model(x, t, cond) -> colour logits (B, G, G, 10); with return_size=True also size logits (B, 2, G), where
-    x (B, G, G) long is the noisy output (PAD outside its h x w), t (B,) in [0, 1] and cond a dict: task (B,),
-    inp (B, G, G) long input (PAD outside), d4 (B,) in [0, 8), shift (B,) in [0, 9), self_cond (B, G, G, 10)
-    logits of the previous estimate or None.
+    x (B, G, G) long is the noisy output (PAD outside its h x w) and cond a dict: task (B,), inp (B, G, G) long
+    input (PAD outside), d4 (B,) in [0, 8), shift (B,) in [0, 9), self_cond (B, G, G, 10) logits of the previous
+    estimate or None. These conditions are prefix tokens, so this model does not use ConditionEmbedder.
+    Departure from the t-in-[0, 1] convention of the other backbones: t (B,) IS the noise level the time token
+    embeds, the log-SNR log(alpha_bar / (1 - alpha_bar)) of the keep probability, in [-20, 20] (the caller computes
+    it, e.g. with common.d3pm_log_snr), embedded with scale 1.
     """
 
     PRESETS = {
@@ -158,29 +297,17 @@ class ArcDenoiser(nn.Module):
     }
 
     def __init__(
-        self,
-        d_model,
-        n_layers,
-        n_heads,
-        n_tasks=1000,
-        grid=30,
-        n_colours=10,
-        dropout=0.1,
-        input_dropout=0.05,
-        keep_floor=0.02,
+        self, d_model, n_layers, n_heads, n_tasks=1000, grid=30, n_colours=10, dropout=0.1, input_dropout=0.05
     ):
         super().__init__()
         self.grid, self.n_colours, self.pad, self.input_dropout = grid, n_colours, n_colours, input_dropout
-        self.keep_floor = keep_floor  # the time token embeds the log-SNR of alpha_bar(t) = d3pm_keep_prob(t, floor)
         self.task_emb = nn.Embedding(n_tasks, d_model)
         self.d4_emb, self.shift_emb = nn.Embedding(8, d_model), nn.Embedding(n_colours - 1, d_model)
-        self.time_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+        self.time_embed = TimestepEmbedder(d_model, freq_dim=d_model, scale=1.0)  # t is a log-SNR, not in [0, 1]
         self.in_emb = nn.Embedding(n_colours + 1, d_model, padding_idx=n_colours)
         self.out_emb = nn.Embedding(n_colours + 1, d_model, padding_idx=n_colours)
         self.row_emb, self.col_emb = nn.Embedding(grid, d_model // 2), nn.Embedding(grid, d_model - d_model // 2)
-        self.self_cond = nn.Linear(n_colours, d_model)  # zero-initialised: self-conditioning starts as a no-op
-        nn.init.zeros_(self.self_cond.weight)
-        nn.init.zeros_(self.self_cond.bias)
+        self.self_cond = zero_module(nn.Linear(n_colours, d_model))  # self-conditioning starts as a no-op
         self.emb_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList([ArcBlock(d_model, n_heads, dropout) for _ in range(n_layers)])
         self.head = nn.Linear(d_model, n_colours)
@@ -189,11 +316,12 @@ class ArcDenoiser(nn.Module):
     def _positions(self):
         rows, cols = self.row_emb.weight, self.col_emb.weight  # (G, D/2) each
         G = self.grid
-        return torch.cat([rows[:, None].expand(G, G, -1), cols[None, :].expand(G, G, -1)], dim=-1).flatten(0, 1)
+        grid = torch.cat([rows[:, None].expand(G, G, -1), cols[None, :].expand(G, G, -1)], dim=-1)  # (G, G, D)
+        return rearrange(grid, "r c d -> (r c) d")  # row-major, as the cells are flattened
 
     def _prefix(self, cond):
         """(B, 3 + G*G, D) prefix tokens and the (B, G*G) mask of valid input cells."""
-        inp = cond["inp"].flatten(1)  # (B, G*G)
+        inp = rearrange(cond["inp"], "b r c -> b (r c)")
         valid = inp != self.pad
         if self.training and self.input_dropout > 0:  # input-grid dropout: drop a cell's colour, keep its position
             inp = torch.where(torch.rand(inp.shape, device=inp.device) < self.input_dropout, self.pad, inp)
@@ -209,24 +337,23 @@ class ArcDenoiser(nn.Module):
     def forward(self, x, t, cond=None, return_size=False):
         B, G = x.shape[0], self.grid
         prefix, valid = self._prefix(cond)
-        out = x.flatten(1)  # (B, G*G)
+        out = rearrange(x, "b r c -> b (r c)")
         out_valid = out != self.pad
         cells = self.out_emb(out) + self._positions()
         sc = torch.zeros(B, G * G, self.n_colours, device=x.device)  # no estimate yet: centred log-probs of 0
         if cond.get("self_cond") is not None:
-            sc = cond["self_cond"].float().flatten(1, 2).log_softmax(-1)  # (B, G*G, 10)
+            sc = rearrange(cond["self_cond"].float(), "b r c k -> b (r c) k").log_softmax(-1)
             sc = sc - sc.mean(-1, keepdim=True)
         cells = cells + self.self_cond(sc.to(cells.dtype))  # always applied, so every rank uses every parameter
         cells = cells * out_valid[..., None]  # noisy-output tokens are zero outside the output's h x w
-        log_snr = common.d3pm_log_snr(t.float(), self.keep_floor)  # (B,) in [-20, 20]
-        time = self.time_mlp(timestep_embedding(log_snr, prefix.shape[-1], scale=1.0).to(prefix.dtype))[:, None]
+        time = self.time_embed(t).to(prefix.dtype)[:, None]  # (B, 1, D)
         h = self.emb_drop(torch.cat([prefix, time, cells], dim=1))  # (B, L, D), L = 4 + 2 G*G
         P, L = prefix.shape[1], h.shape[1]
-        mask = torch.ones(L, L, dtype=torch.bool, device=h.device)
-        mask[:P, P:] = False  # the prefix never sees time or the noisy output
+        mask = torch.ones(1, L, L, dtype=torch.bool, device=h.device)
+        mask[:, :P, P:] = False  # the prefix never sees time or the noisy output
         for block in self.blocks:
             h = block(h, mask)
-        logits = self.head(h[:, P + 1 :]).view(B, G, G, self.n_colours)
+        logits = rearrange(self.head(h[:, P + 1 :]), "b (r c) k -> b r c k", r=G)
         return (logits, self._size_logits(h, valid)) if return_size else logits
 
     def predict_size(self, cond):
@@ -284,12 +411,12 @@ class SpatialAttention(nn.Module):
         self.cross_norm = nn.LayerNorm(channels) if context_dim else None
         self.cross = Attention(channels, heads, context_dim, zero_init=True) if context_dim else None
 
-    def forward(self, x, context=None):
-        tokens = x.flatten(2).transpose(1, 2)  # (B, L, C)
-        tokens = tokens + self.attn(self.norm(x).flatten(2).transpose(1, 2))
-        if self.cross is not None and context is not None:
-            tokens = tokens + self.cross(self.cross_norm(tokens), context)
-        return tokens.transpose(1, 2).reshape(x.shape)
+    def forward(self, x, context=None, mask=None):
+        tokens = rearrange(x, "b c ... -> b (...) c")  # (B, L, C), L = all positions
+        tokens = tokens + self.attn(rearrange(self.norm(x), "b c ... -> b (...) c"))
+        if self.cross is not None:
+            tokens = tokens + self.cross(self.cross_norm(tokens), context, mask)
+        return rearrange(tokens, "b l c -> b c l").reshape(x.shape)
 
 
 class UNet(nn.Module):
@@ -299,8 +426,8 @@ class UNet(nn.Module):
     Per level: `num_res_blocks` ResBlocks (each followed by attention where `attn_levels` says so), then a stride-2
     conv down; a middle ResBlock-attention-ResBlock; the mirror path up (nearest + conv) with skip concatenation;
     a zero-initialised output conv, so the untrained model outputs exactly zero.
-    cond: class ids (B,) when num_classes > 0 (id num_classes = null), or a context (B, L, context_dim) when
-    context_dim > 0, read by cross-attention at the attention levels.
+    Conditions (module docstring): class and vector embeddings are added to the time embedding that every ResBlock
+    reads; the context is read by cross-attention at the attention levels; concat channels join x at the input.
     """
 
     PRESETS = {
@@ -322,22 +449,23 @@ class UNet(nn.Module):
         groups=8,
         dropout=0.1,
         dims=2,
-        num_classes=0,
-        context_dim=0,
         film=False,
+        num_classes=0,
+        vector_dim=0,
+        context_dim=0,
+        concat_channels=0,
     ):
         super().__init__()
         if len(attn_levels) != len(channel_mult):
             raise ValueError(f"attn_levels {attn_levels} needs one entry per level of channel_mult {channel_mult}")
-        self.channels, self.dims, self.levels = channels, dims, len(channel_mult)
-        self.num_classes, self.context_dim = num_classes, context_dim
+        self.dims, self.levels = dims, len(channel_mult)
         emb_dim = 4 * channels
-        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None  # last row: null class
+        self.time_embed = TimestepEmbedder(emb_dim, freq_dim=emb_dim)
+        self.cond_embed = ConditionEmbedder(emb_dim, num_classes, vector_dim, context_dim, concat_channels)
         block = lambda c_in, c_out: ResBlock(dims, c_in, c_out, emb_dim, groups, dropout, film)
         attn = lambda c: SpatialAttention(c, heads, groups, context_dim)
 
-        self.conv_in = conv_nd(dims, in_channels, channels, 3, padding=1)
+        self.conv_in = conv_nd(dims, in_channels + concat_channels, channels, 3, padding=1)
         self.down, skips, c = nn.ModuleList(), [channels], channels
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -363,12 +491,12 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, c)
         self.conv_out = zero_module(conv_nd(dims, c, out_channels or in_channels, 3, padding=1))
 
-    def _run(self, layers, h, emb, context):
+    def _run(self, layers, h, emb, context, mask):
         for layer in layers:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, SpatialAttention):
-                h = layer(h, context)
+                h = layer(h, context, mask)
             else:
                 h = layer(h)
         return h
@@ -377,18 +505,17 @@ class UNet(nn.Module):
         factor = 2 ** (self.levels - 1)
         if x.ndim != self.dims + 2 or any(s % factor for s in x.shape[2:]):
             raise ValueError(f"UNet(dims={self.dims}) needs (B, C, *spatial) with sides divisible by {factor}")
-        labels, context = class_or_context(cond, x.shape[0], self.num_classes, self.context_dim, x.device)
-        emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]), 4 * self.channels))
-        if labels is not None:
-            emb = emb + self.class_emb(labels)
-        h = self.conv_in(x)
+        cond_emb, context, mask, concat = self.cond_embed(cond, x)
+        emb = self.time_embed(t.expand(x.shape[0]))  # (B, 4 * channels)
+        emb = emb if cond_emb is None else emb + cond_emb
+        h = self.conv_in(x if concat is None else torch.cat([x, concat], dim=1))
         hs = [h]
         for layers in self.down:
-            h = self._run(layers, h, emb, context)
+            h = self._run(layers, h, emb, context, mask)
             hs.append(h)
-        h = self._run(self.mid, h, emb, context)
+        h = self._run(self.mid, h, emb, context, mask)
         for layers in self.up:
-            h = self._run(layers, torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = self._run(layers, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -418,22 +545,22 @@ class DiTBlock(nn.Module):
     cross-attention to a context sequence after self-attention (the paper's cross-attention variant).
     """
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, context_dim=0):
+    def __init__(self, dim, heads, mlp_ratio=4.0, context_dim=0, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm)
         self.cross_norm = nn.LayerNorm(dim, eps=1e-6) if context_dim else None
-        self.cross = Attention(dim, heads, context_dim, zero_init=True) if context_dim else None
+        self.cross = Attention(dim, heads, context_dim, qk_norm=qk_norm, zero_init=True) if context_dim else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Sequential(nn.SiLU(), zero_module(nn.Linear(dim, 6 * dim)))
 
-    def forward(self, x, c, context=None):
+    def forward(self, x, c, context=None, mask=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # each (B, D)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        if self.cross is not None and context is not None:
-            x = x + self.cross(self.cross_norm(x), context)
+        if self.cross is not None:
+            x = x + self.cross(self.cross_norm(x), context, mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -441,10 +568,10 @@ class DiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023, arXiv:2212.09748) on 1D, 2D or 3D inputs.
 
     Patches of any shape (`patch` an int or a tuple per axis, e.g. (1, 8) for a 1 x T time series as an image) ->
-    tokens + fixed sin-cos positions -> adaLN-Zero blocks conditioned on time (+ class) -> adaLN final layer,
-    zero-initialised, so the untrained model outputs exactly zero -> unpatchify.
-    cond: class ids (B,) when num_classes > 0 (id num_classes = null), or a context (B, L, context_dim) read by
-    cross-attention when context_dim > 0.
+    tokens + fixed sin-cos positions -> adaLN-Zero blocks conditioned on time + class + vector embeddings ->
+    adaLN final layer, zero-initialised, so the untrained model outputs exactly zero -> unpatchify.
+    The context is read by cross-attention in every block; concat channels join x before patch embedding.
+    qk_norm: RMSNorm on queries and keys (SD3, arXiv:2403.03206; not in the DiT paper).
     """
 
     PRESETS = {  # the paper's table 1; tiny for tests
@@ -465,19 +592,21 @@ class DiT(nn.Module):
         depth=12,
         heads=6,
         mlp_ratio=4.0,
+        qk_norm=False,
         num_classes=0,
+        vector_dim=0,
         context_dim=0,
+        concat_channels=0,
     ):
         super().__init__()
         self.patch = (patch,) * dims if isinstance(patch, int) else tuple(patch)
         if len(self.patch) != dims:
             raise ValueError(f"patch {patch} must have one size per axis (dims={dims})")
         self.dims, self.dim, self.out_channels = dims, dim, out_channels or in_channels
-        self.num_classes, self.context_dim = num_classes, context_dim
-        self.patch_embed = conv_nd(dims, in_channels, dim, self.patch, stride=self.patch)
-        self.time_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.class_emb = nn.Embedding(num_classes + 1, dim) if num_classes else None  # last row: null class
-        self.blocks = nn.ModuleList([DiTBlock(dim, heads, mlp_ratio, context_dim) for _ in range(depth)])
+        self.patch_embed = conv_nd(dims, in_channels + concat_channels, dim, self.patch, stride=self.patch)
+        self.time_embed = TimestepEmbedder(dim)
+        self.cond_embed = ConditionEmbedder(dim, num_classes, vector_dim, context_dim, concat_channels)
+        self.blocks = nn.ModuleList([DiTBlock(dim, heads, mlp_ratio, context_dim, qk_norm) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), zero_module(nn.Linear(dim, 2 * dim)))
         self.linear_out = zero_module(nn.Linear(dim, math.prod(self.patch) * self.out_channels))
@@ -485,16 +614,16 @@ class DiT(nn.Module):
     def forward(self, x, t, cond=None):
         if x.ndim != self.dims + 2 or any(s % p for s, p in zip(x.shape[2:], self.patch)):
             raise ValueError(f"DiT(dims={self.dims}) needs (B, C, *spatial) with sides divisible by patch {self.patch}")
-        B = x.shape[0]
-        labels, context = class_or_context(cond, B, self.num_classes, self.context_dim, x.device)
-        h = self.patch_embed(x)  # (B, D, *grid)
+        cond_emb, context, mask, concat = self.cond_embed(cond, x)
+        h = self.patch_embed(x if concat is None else torch.cat([x, concat], dim=1))  # (B, D, *grid)
         grid = h.shape[2:]
-        h = h.flatten(2).transpose(1, 2) + sincos_position_embedding(grid, self.dim, x.device)  # (B, L, D)
-        c = self.time_mlp(timestep_embedding(t.expand(B), 256))
-        if labels is not None:
-            c = c + self.class_emb(labels)
+        # positions in the parameters' dtype: float32 under autocast (as before), bf16 in a bf16-cast model
+        pos = sincos_position_embedding(grid, self.dim, x.device).to(self.patch_embed.weight.dtype)
+        h = rearrange(h, "b d ... -> b (...) d") + pos  # (B, L, D)
+        c = self.time_embed(t.expand(x.shape[0]))
+        c = c if cond_emb is None else c + cond_emb
         for block in self.blocks:
-            h = block(h, c, context)
+            h = block(h, c, context, mask)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
         h = self.linear_out(modulate(self.norm_out(h), shift, scale))  # (B, L, prod(patch) * C_out)
         return unpatchify(h, grid, self.patch, self.out_channels)
@@ -510,28 +639,29 @@ class UViTBlock(nn.Module):
     by a linear layer first (Bao et al. 2023, arXiv:2209.12152, sec. 3.1).
     """
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, skip=False):
+    def __init__(self, dim, heads, mlp_ratio=4.0, skip=False, qk_norm=False):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x, skip=None):
+    def forward(self, x, skip=None, mask=None):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        x = x + self.attn(self.norm1(x))
+        x = x + self.attn(self.norm1(x), mask=mask)
         return x + self.mlp(self.norm2(x))
 
 
 class UViT(nn.Module):
-    """U-ViT (Bao et al. 2023, arXiv:2209.12152): everything is a token. [time token, condition token(s), patches]
+    """U-ViT (Bao et al. 2023, arXiv:2209.12152): everything is a token. [time, condition, context tokens, patches]
     with learned positions -> depth//2 blocks whose outputs feed long skips -> a middle block -> depth//2 blocks
     taking the skips -> linear to patches -> unpatchify -> a 3x3 conv (the paper's "last conv").
-    cond: class ids (B,) when num_classes > 0 (id num_classes = null, one token), or a context (B, L_c, context_dim)
-    projected to L_c tokens when context_dim > 0 (the paper's text-to-image variant; L_c fixed by `context_len`).
-    Positions are learned for `input_size`, so inputs must have that size.
+    The condition token is the class embedding (the paper's class token) plus the vector embedding (ours), present
+    when num_classes or vector_dim > 0; the context (B, context_len, context_dim) is projected to context_len tokens
+    (the paper's text-to-image variant), padding tokens masked out of every block's attention; concat channels
+    join x before patch embedding. Positions are learned for `input_size`, so inputs must have that size.
     """
 
     PRESETS = {  # U-ViT-S (paper table 1); tiny for tests
@@ -551,8 +681,11 @@ class UViT(nn.Module):
         depth=13,
         heads=8,
         mlp_ratio=4.0,
+        qk_norm=False,
         num_classes=0,
+        vector_dim=0,
         context_dim=0,
+        concat_channels=0,
         context_len=1,
     ):
         super().__init__()
@@ -566,18 +699,23 @@ class UViT(nn.Module):
             raise ValueError(f"input_size {input_size} must be divisible by patch {patch}, one entry per axis ({dims})")
         if depth % 2 == 0:
             raise ValueError(f"U-ViT depth must be odd (in blocks, a middle block, out blocks); got {depth}")
+        if context_dim and context_len < 1:
+            raise ValueError(
+                f"U-ViT with context_dim > 0 needs context_len >= 1 (its fixed token count); got {context_len}"
+            )
         self.dims, self.dim, self.out_channels = dims, dim, out_channels or in_channels
-        self.num_classes, self.context_dim = num_classes, context_dim
         self.grid = tuple(s // p for s, p in zip(self.input_size, self.patch))
-        n_cond = 1 if num_classes else context_len if context_dim else 0
-        self.patch_embed = conv_nd(dims, in_channels, dim, self.patch, stride=self.patch)
-        self.time_mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
-        self.class_emb = nn.Embedding(num_classes + 1, dim) if num_classes else None  # last row: null class
+        context_len = context_len if context_dim else 0
+        n_prefix = 1 + int(num_classes > 0 or vector_dim > 0) + context_len  # time, condition, context tokens
+        self.patch_embed = conv_nd(dims, in_channels + concat_channels, dim, self.patch, stride=self.patch)
+        self.time_embed = TimestepEmbedder(dim, freq_dim=dim)
+        self.cond_embed = ConditionEmbedder(dim, num_classes, vector_dim, context_dim, concat_channels, context_len)
         self.context_embed = nn.Linear(context_dim, dim) if context_dim else None
-        self.pos = nn.Parameter(torch.randn(1, 1 + n_cond + math.prod(self.grid), dim) * 0.02)
-        self.in_blocks = nn.ModuleList([UViTBlock(dim, heads, mlp_ratio) for _ in range(depth // 2)])
-        self.mid_block = UViTBlock(dim, heads, mlp_ratio)
-        self.out_blocks = nn.ModuleList([UViTBlock(dim, heads, mlp_ratio, skip=True) for _ in range(depth // 2)])
+        self.pos = nn.Parameter(torch.randn(1, n_prefix + math.prod(self.grid), dim) * 0.02)
+        block = lambda skip: UViTBlock(dim, heads, mlp_ratio, skip, qk_norm)
+        self.in_blocks = nn.ModuleList([block(False) for _ in range(depth // 2)])
+        self.mid_block = block(False)
+        self.out_blocks = nn.ModuleList([block(True) for _ in range(depth // 2)])
         self.norm_out = nn.LayerNorm(dim)
         self.linear_out = nn.Linear(dim, math.prod(self.patch) * self.out_channels)
         self.conv_out = conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)
@@ -585,25 +723,28 @@ class UViT(nn.Module):
     def forward(self, x, t, cond=None):
         if tuple(x.shape[2:]) != self.input_size:
             raise ValueError(f"UViT was built for input_size {self.input_size}, got {tuple(x.shape[2:])}")
-        B = x.shape[0]
-        labels, context = class_or_context(cond, B, self.num_classes, self.context_dim, x.device)
-        tokens = [self.time_mlp(timestep_embedding(t.expand(B), self.dim))[:, None]]  # (B, 1, D)
-        if self.class_emb is not None:
-            tokens.append(self.class_emb(labels)[:, None])
-        elif self.context_embed is not None:
-            if context is None:
-                raise ValueError("UViT with context_dim > 0 needs a context (its null is supplied by the caller)")
-            tokens.append(self.context_embed(context))  # (B, L_c, D)
-        tokens.append(self.patch_embed(x).flatten(2).transpose(1, 2))  # (B, L, D)
+        cond_emb, context, context_mask, concat = self.cond_embed(cond, x)
+        tokens = [self.time_embed(t.expand(x.shape[0]))[:, None]]  # (B, 1, D)
+        if cond_emb is not None:
+            tokens.append(cond_emb[:, None])
+        if context is not None:
+            tokens.append(self.context_embed(context))  # (B, context_len, D)
+        n_prefix = sum(tok.shape[1] for tok in tokens)
+        patches = self.patch_embed(x if concat is None else torch.cat([x, concat], dim=1))
+        tokens.append(rearrange(patches, "b d ... -> b (...) d"))  # (B, L, D)
         h = torch.cat(tokens, dim=1) + self.pos
+        mask = None  # every token may attend to every token except padded context tokens
+        if context_mask is not None:
+            n_before = n_prefix - context_mask.shape[1]
+            mask = F.pad(context_mask, (n_before, h.shape[1] - n_prefix), value=True)  # (B, L_all)
         skips = []
         for block in self.in_blocks:
-            h = block(h)
+            h = block(h, mask=mask)
             skips.append(h)
-        h = self.mid_block(h)
+        h = self.mid_block(h, mask=mask)
         for block in self.out_blocks:
-            h = block(h, skips.pop())
-        h = self.linear_out(self.norm_out(h))[:, -math.prod(self.grid) :]  # patch tokens only: (B, L, p * C)
+            h = block(h, skips.pop(), mask)
+        h = self.linear_out(self.norm_out(h))[:, n_prefix:]  # patch tokens only: (B, L, p * C)
         return self.conv_out(unpatchify(h, self.grid, self.patch, self.out_channels))
 
 

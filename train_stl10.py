@@ -310,7 +310,9 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
     common.save_image_grid(torch.cat(sweep), prefix + "_recon.png", nrow=len(fixed_images))
     common.plot_bins(os.path.join(out_dir, "log.jsonl"), prefix + "_loss_bins.png", "loss_bins", "training loss")
     if config["cond"] == "class":
-        plot_projection(ema_model.class_emb.weight, names + ["(null)"], prefix + "_embeddings.png", "class embedding")
+        plot_projection(
+            ema_model.cond_embed.class_emb.weight, names + ["(null)"], prefix + "_embeddings.png", "class embedding"
+        )
     elif config["cond"] == "text":
         plot_projection(table, names, prefix + "_embeddings.png", f'text embedding of "{config["prompt"]}"')
     return prefix + "_grid.png"
