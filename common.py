@@ -17,6 +17,7 @@ import ast
 import contextlib
 import copy
 import difflib
+import fcntl
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -851,7 +852,7 @@ def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=No
         state["optimizer"] = optimizer.state_dict()
     bad = _non_finite({**weights, "optimizer": state.get("optimizer", {})})
     if bad is not None:
-        die(f"refusing to write {final}: {bad} is not finite; the last good checkpoint is {_latest(out_dir)}")
+        die(f"refusing to write {final}: {bad} is not finite; the last good checkpoint is {_latest(out_dir) or 'none'}")
     try:
         os.makedirs(out_dir, exist_ok=True)
         _clean_up(out_dir)
@@ -867,11 +868,14 @@ def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=No
         _point_latest(out_dir, name)
         shutil.rmtree(os.path.join(out_dir, f".old_{name}"), ignore_errors=True)
         _rotate(out_dir, keep, {name, *(os.path.basename(os.path.normpath(p)) for p in protect if p)})
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch.save wrap the OSError of a full disk
         if os.path.basename(_latest(out_dir) or "") != f".tmp_{name}":
             shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or _first_line(e)
+        with contextlib.suppress(OSError):
+            reason += f"; {shutil.disk_usage(out_dir).free / 2**20:.1f} MiB free on that disk"
         die(
-            f"cannot write checkpoint {final} ({e.strerror or e}); the last good checkpoint is {_latest(out_dir)}; "
+            f"cannot write checkpoint {final} ({reason}); the last good checkpoint is {_latest(out_dir) or 'none'}; "
             "free some space or choose a writable out_dir="
         )
     return final
@@ -1005,14 +1009,17 @@ def setup_run(out_dir, mixed_precision, batch_size, grad_accum, max_steps):
     world = accelerator.num_processes
     if batch_size % (world * grad_accum):
         die(f"batch_size={batch_size} must divide by processes x grad_accum = {world} x {grad_accum}")
+    lock = None
     if accelerator.is_main_process:
         try:
             os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, ".write_test"), "w") as f:
-                f.write("ok")
-            os.remove(os.path.join(out_dir, ".write_test"))
+            lock = open(os.path.join(out_dir, ".lock"), "a+")
         except OSError as e:
             die(f"cannot write in out_dir={out_dir!r} ({e.strerror or e}); choose a writable folder")
+        try:  # one run per folder: the lock is the kernel's, so it goes with the process, however it ends
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            die(f"another run is writing to out_dir={out_dir!r}; wait for it to end or choose another out_dir=")
     dev = accelerator.device
     return types.SimpleNamespace(
         accelerator=accelerator,
@@ -1028,6 +1035,7 @@ def setup_run(out_dir, mixed_precision, batch_size, grad_accum, max_steps):
         generator=torch.Generator(device=dev),
         metrics=Metrics(dev),
         first_bad=torch.full((), -1, dtype=torch.long, device=dev),  # first non-finite step, -1 none (on device)
+        lock=lock,
         logger=None,
         bar=None,
         resumed_from=None,
@@ -1297,8 +1305,24 @@ def save_image_grid(x, path, nrow=None):
     """Save (N, C, H, W) images in [-1, 1] as one PNG grid."""
     import matplotlib.image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    matplotlib.image.imsave(path, image_grid(x, nrow))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        matplotlib.image.imsave(path, image_grid(x, nrow))
+    except OSError as e:
+        die(f"cannot write {path} ({e.strerror or e}); free some space or choose a writable out_dir=")
+
+
+def save_figure(fig, png_path):
+    """Save a matplotlib figure as PNG and close it; an unwritable folder or a full disk is a one-line error."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        fig.savefig(png_path, dpi=100)
+    except OSError as e:
+        die(f"cannot write {png_path} ({e.strerror or e}); free some space or choose a writable out_dir=")
+    finally:
+        plt.close(fig)
 
 
 def plot_loss(log_path, png_path, key="loss"):
@@ -1319,13 +1343,7 @@ def plot_loss(log_path, png_path, key="loss"):
     ax.set_ylabel(key)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        fig.savefig(png_path, dpi=100)
-    except OSError as e:
-        die(f"cannot write {png_path} ({e.strerror or e}); free some space or choose a writable out_dir=")
-    finally:
-        plt.close(fig)
+    save_figure(fig, png_path)
 
 
 def plot_bins(log_path, png_path, key="loss_bins", ylabel="training loss"):
@@ -1345,13 +1363,7 @@ def plot_bins(log_path, png_path, key="loss_bins", ylabel="training loss"):
     )
     ax.set_xlabel("t (noise level)")
     ax.set_ylabel(ylabel)
-    fig.tight_layout()
-    try:
-        fig.savefig(png_path, dpi=100)
-    except OSError as e:
-        die(f"cannot write {png_path} ({e.strerror or e}); free some space or choose a writable out_dir=")
-    finally:
-        plt.close(fig)
+    save_figure(fig, png_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

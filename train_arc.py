@@ -427,10 +427,8 @@ def plot_rows(rows, path, titles=None):
                 ax.imshow(row[c], cmap=cmap, vmin=0, vmax=10, interpolation="nearest")
                 if titles and r == 0:
                     ax.set_title(titles[c], fontsize=8)
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 @torch.no_grad()

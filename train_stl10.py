@@ -333,9 +333,7 @@ def plot_projection(vectors, labels, png_path, title):
     for (px, py), name in zip(xy.tolist(), labels):
         ax.annotate(name, (px, py), fontsize=8)
     ax.set_title(f"{title}: PCA")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, png_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,6 +426,11 @@ def check_eval_options(opts, config):
         common.die(f"batch={opts['batch']}: give a positive number of images per batch")
     if opts["sample_steps"] <= 0 and opts["sample_steps"] != -1:
         common.die(f"sample_steps={opts['sample_steps']}: give a positive number of steps, or -1 for the checkpoint's")
+    if opts["sample_steps"] > 0 and config["t_steps"] % opts["sample_steps"]:
+        common.die(
+            f"sample_steps={opts['sample_steps']} does not divide the checkpoint's t_steps={config['t_steps']}: "
+            "sampling times would fall between the times it was trained on; choose a divisor"
+        )
     if opts["guidance"] < 0 and opts["guidance"] != -1:
         common.die(f"guidance={opts['guidance']}: give a scale >= 0, or -1 for the checkpoint's")
     if opts["guidance"] != -1 and config["cond"] == "none":

@@ -210,7 +210,8 @@ def test_two_processes(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     out = str(tmp_path / "ddp")
     run(
-        ["train_arc.py", *TINY, "max_steps=6", "log_every=3", "eval_every=6", "ckpt_every=6", f"out_dir={out}"],
+        ["train_arc.py", *TINY[:-2], "eval_pairs=4", "max_steps=6", "log_every=3", "eval_every=6", "ckpt_every=6"]
+        + [f"out_dir={out}"],
         exe=torchrun,
     )
     assert os.path.isfile(os.path.join(out, "step_0000006", "model.safetensors"))

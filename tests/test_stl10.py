@@ -7,6 +7,7 @@ real loader.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -199,7 +200,8 @@ def test_end_to_end(photo_data, tmp_path, model, cond, lr):
     args = [f"model={model}", f"cond={cond}", "max_steps=40", f"lr={lr}", "sample_every=40", "batch_size=32"]
     proc = train(data_dir, out, *args)
     if cond == "text":
-        assert "table (11, 384)" in proc.stdout and "0 active" not in proc.stdout
+        found = re.search(r"cond=text \((\d+) cross-attention\)", proc.stdout)
+        assert found and int(found.group(1)) > 0, proc.stdout
     curve = losses(out)
     assert np.mean(curve[-10:]) < 0.9 * np.mean(curve[:5]), curve
     for kind in ("grid", "collage", "recon", "loss_bins") + (("embeddings",) if cond != "none" else ()):
@@ -226,7 +228,7 @@ def test_resume_is_bitwise_and_init_from(photo_data, tmp_path):
         a = load_file(str(straight / "step_0000006" / f"{name}.safetensors"))
         b = load_file(str(halves / "step_0000006" / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    proc = train(data_dir, str(tmp_path / "tuned"), *common, "max_steps=2", f"init_from={straight}")
+    proc = train(data_dir, str(tmp_path / "tuned"), *common[1:], "max_steps=2", f"init_from={straight}")
     assert "weights from" in proc.stdout
 
 
