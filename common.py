@@ -867,7 +867,8 @@ def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=No
         os.replace(tmp, final)
         _point_latest(out_dir, name)
         shutil.rmtree(os.path.join(out_dir, f".old_{name}"), ignore_errors=True)
-        _rotate(out_dir, keep, {name, *(os.path.basename(os.path.normpath(p)) for p in protect if p)})
+        protected = {os.path.basename(os.path.normpath(p)).removeprefix(".tmp_") for p in protect if p}
+        _rotate(out_dir, keep, {name, *protected})
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch.save wrap the OSError of a full disk
         if os.path.basename(_latest(out_dir) or "") != f".tmp_{name}":
             shutil.rmtree(tmp, ignore_errors=True)

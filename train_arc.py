@@ -405,7 +405,18 @@ def score_pass2(attempts, targets, task_ids):
 # Plots: ARC palette grids
 # ----------------------------------------------------------------------------------------------------------------
 
-PALETTE = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25"]
+_PALETTE = [
+    "#000000",
+    "#0074D9",
+    "#FF4136",
+    "#2ECC40",
+    "#FFDC00",
+    "#AAAAAA",
+    "#F012BE",
+    "#FF851B",
+    "#7FDBFF",
+    "#870C25",
+]
 
 
 def plot_rows(rows, path, titles=None):
@@ -416,7 +427,7 @@ def plot_rows(rows, path, titles=None):
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    cmap = ListedColormap(PALETTE + ["#FFFFFF"])
+    cmap = ListedColormap(_PALETTE + ["#FFFFFF"])
     ncol = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.6 * ncol, 1.6 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):

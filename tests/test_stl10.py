@@ -6,6 +6,7 @@ photographs that scikit-image and scikit-learn ship, one photograph per class, a
 real loader.
 """
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -266,6 +267,9 @@ def test_seed_makes_fresh_runs_bitwise_equal(photo_data, tmp_path):
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert sum(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"]) > len(runs["a"]) // 2
     assert os.path.isfile(tmp_path / "a" / "step_0000001" / "model.safetensors")
+    if importlib.util.find_spec("tensorboard"):  # optional: TensorBoard scalars through accelerate's tracker
+        events = [f for _, _, fs in os.walk(tmp_path / "a" / "tensorboard") for f in fs if "tfevents" in f]
+        assert events
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(photo_data, tmp_path):
