@@ -1139,6 +1139,14 @@ def optimizer_step(run, step, model, optimizer, lr, clip, loss):
     return grad_norm
 
 
+def _settle(run):
+    """Before a multi-process script returns or stops: gloo's worker threads free the last collectives' tensors
+    after the fact and need the GIL for it; freeing the DDP wrapper first (which joins those threads while holding
+    the GIL) deadlocks at exit, so give them a moment."""
+    if run.world > 1:
+        time.sleep(0.5)
+
+
 def check_finite(run):
     """Stop every process with a one-line error when any saw a non-finite loss or gradient norm (before anything
     is logged as good, sampled or saved)."""
@@ -1147,6 +1155,7 @@ def check_finite(run):
     if len(bad):
         if run.bar is not None:
             run.bar.close()
+        _settle(run)
         die(
             f"the loss or gradient norm became non-finite at step {int(bad.min())}; nothing from that step on was "
             f"saved; the last good checkpoint is {run.last_ckpt or 'none (no checkpoint was written yet)'}; "
@@ -1202,6 +1211,7 @@ def finish(run, step, model, ema_model, optimizer, config, keep):
         checkpoint(run, step, model, ema_model, optimizer, config, keep)
     run.bar.close()
     run.accelerator.end_training()
+    _settle(run)
     if run.is_main:
         print(f"done: step {step}, checkpoint {run.last_ckpt}", flush=True)
 
