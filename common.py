@@ -1156,10 +1156,11 @@ def check_finite(run):
         if run.bar is not None:
             run.bar.close()
         _settle(run)
+        where = f"the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else "no checkpoint was written yet"
+        advice = "lower lr= or clip= and resume from it" if run.last_ckpt else "lower lr= or clip= and start again"
         die(
             f"the loss or gradient norm became non-finite at step {int(bad.min())}; nothing from that step on was "
-            f"saved; the last good checkpoint is {run.last_ckpt or 'none (no checkpoint was written yet)'}; "
-            "lower lr= or clip= and resume from it"
+            f"saved; {where}; {advice}"
         )
 
 
