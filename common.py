@@ -906,7 +906,7 @@ def resolve_resume(out_dir, resume):
 def _first_line(e):
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else type(e).__name__)
-    return detail[:300]
+    return detail.split(". ")[0][:200]  # the first sentence: some libraries append paragraphs of advice
 
 
 def load_config(ckpt_dir):
@@ -1058,7 +1058,7 @@ def seed_everything(seed):
 def _same_model(ckpt, config):
     """Stop when the checkpoint was written for another network than `config` describes."""
     stored = load_config(ckpt)
-    for key in ("script", "model", "size", "model_kw"):
+    for key in ("script", "model", "size", "model_kw", "task_ids"):  # task_ids: what ARC's task embedding rows mean
         if key in config and stored.get(key) != config[key]:
             die(
                 f"{ckpt} was trained with {key}={stored.get(key)!r}, this run has {key}={config[key]!r}; "
