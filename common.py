@@ -1060,8 +1060,11 @@ def _same_model(ckpt, config):
     stored = load_config(ckpt)
     for key in ("script", "model", "size", "model_kw", "task_ids"):  # task_ids: what ARC's task embedding rows mean
         if key in config and stored.get(key) != config[key]:
+            was, now = (
+                repr(v) if len(repr(v)) < 160 else repr(v)[:150] + " ...]" for v in (stored.get(key), config[key])
+            )
             die(
-                f"{ckpt} was trained with {key}={stored.get(key)!r}, this run has {key}={config[key]!r}; "
+                f"{ckpt} was trained with {key}={was}, this run has {key}={now}; "
                 "give the settings it was trained with, or a fresh out_dir="
             )
 
