@@ -8,9 +8,9 @@ of colours 1-9 (0 fixed), given to the model as tokens. A size head predicts the
 
     python train_arc.py                                   # smol (8M) on ARC-AGI-1, the real recipe (GPU)
     accelerate launch train_arc.py size=mediom            # several GPUs
-    python train_arc.py size=tiny grid=6 holdout=fit max_tasks=16 augment=false batch_size=16 lr=2e-3 \\
-        warmup_steps=50 dropout=0.0 ema_start=0.9 ema_decay=0.99 max_steps=3000 out_dir=runs/arc_cpu
-                                                          # CPU learning check (~3 min): 16 small training tasks
+    OMP_NUM_THREADS=1 python train_arc.py size=tiny grid=6 holdout=fit max_tasks=16 augment=false batch_size=16 \\
+        lr=2e-3 warmup_steps=50 dropout=0.0 ema_start=0.9 ema_decay=0.99 max_steps=3000 ckpt_every=500 \\
+        out_dir=runs/arc_cpu                              # CPU learning check (~2 min): 16 small training tasks
     python evaluate.py runs/arc                           # pass@2, two samples and augmentation voting
 
 Expected: smol on ARC-AGI-1 evaluation, pass@2 about 16% with two samples and about 20% with voting (the published

@@ -3,13 +3,13 @@
 The recipe of a public STL-10 pixel diffusion study: a 500-step cosine schedule, v-prediction, classifier-free
 guidance (label dropped to the null class with p = 0.2, sampling scale 3), EMA 0.999 with sampling from the EMA
 weights, AdamW (0.9, 0.99) with weight decay 1e-4, 5% warmup then cosine, clip 1.0, gradient accumulation 2, bf16
-on GPU. cond=text embeds "a photo of a {class}" once with the offline sentence encoder all-MiniLM-L6-v2 (384-d;
-the empty prompt is the null row) and feeds it through cross-attention.
+on GPU. cond=text embeds "a photo of a {class}" once with the offline sentence encoder all-MiniLM-L6-v2 (384-d)
+and feeds it through cross-attention; the null condition is the model's learned null token.
 
     python train_stl10.py                                   # UNet (base 64), class-conditional (GPU)
     accelerate launch train_stl10.py model=dit size=S cond=text
-    python train_stl10.py size=tiny image_size=32 batch_size=16 grad_accum=1 max_steps=300 \\
-        sample_every=100 out_dir=runs/stl10_cpu             # a quick CPU check
+    OMP_NUM_THREADS=1 python train_stl10.py size=tiny image_size=32 batch_size=16 grad_accum=1 max_steps=300 \\
+        sample_every=100 ckpt_every=100 out_dir=runs/stl10_cpu   # a quick CPU check
     python evaluate.py runs/stl10 n_samples=5000            # FD-EffNet / KID-EffNet against the test split
 
 Data: the official binary release in DATA_DIR/stl10_binary (train_X.bin, train_y.bin, test_*, unlabeled_X.bin,
