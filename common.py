@@ -358,14 +358,6 @@ def cat_cond(a, b):
     return None if a is None else torch.cat([a, b])
 
 
-def null_cond(cond):
-    """The learned-null version of `cond` for classifier-free guidance: every condition of every sample dropped
-    (the model contract's "drop" flag; see models.py). Class ids need the caller's null id instead."""
-    batch = next(v for v in cond.values() if torch.is_tensor(v)).shape[0]
-    device = next(v for v in cond.values() if torch.is_tensor(v)).device
-    return {**cond, "drop": torch.ones(batch, dtype=torch.bool, device=device)}
-
-
 def cfg_model(model, cond, null, scale):
     """Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598 eq. 6) on the raw prediction:
     out = uncond + scale * (cond - uncond), so scale 1 is conditional and 0 unconditional. Both halves run in one
@@ -872,7 +864,7 @@ def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=No
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch.save wrap the OSError of a full disk
         if os.path.basename(_latest(out_dir) or "") != f".tmp_{name}":
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(e, "strerror", None) or _first_line(e)
+        reason = getattr(e, "strerror", None) or error_detail(e)
         with contextlib.suppress(OSError):
             reason += f"; {shutil.disk_usage(out_dir).free / 2**20:.1f} MiB free on that disk"
         die(
@@ -903,7 +895,8 @@ def resolve_resume(out_dir, resume):
     return resolve_checkpoint(resume)
 
 
-def _first_line(e):
+def error_detail(e):
+    """The first informative sentence of an exception's message, for a one-line error."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else type(e).__name__)
     return detail.split(". ")[0][:200]  # the first sentence: some libraries append paragraphs of advice
@@ -916,7 +909,7 @@ def load_config(ckpt_dir):
         with safe_open(path, framework="pt") as f:
             return json.loads((f.metadata() or {})["config"])
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        die(f"{path} is not a readable checkpoint ({_first_line(e)}); it is truncated, corrupt or not ours")
+        die(f"{path} is not a readable checkpoint ({error_detail(e)}); it is truncated, corrupt or not ours")
 
 
 def load_weights(ckpt_dir, model, which="ema"):
@@ -928,11 +921,11 @@ def load_weights(ckpt_dir, model, which="ema"):
     try:
         tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        die(f"{path} is truncated or corrupt ({_first_line(e)}); delete that step folder or use another checkpoint")
+        die(f"{path} is truncated or corrupt ({error_detail(e)}); delete that step folder or use another checkpoint")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        die(f"{path} does not fit this model ({_first_line(e)}); use the settings it was trained with")
+        die(f"{path} does not fit this model ({error_detail(e)}); use the settings it was trained with")
     return model
 
 
@@ -948,13 +941,13 @@ def load_checkpoint(ckpt_dir, model, ema_model=None, optimizer=None):
     except pickle.UnpicklingError:
         die(f"{path} holds pickled objects, which are never loaded (weights_only); it was not written by this project")
     except Exception as e:  # truncated zip archives and missing files raise RuntimeError, EOFError or OSError
-        die(f"{path} is missing, truncated or corrupt ({_first_line(e)}); resume from another checkpoint")
+        die(f"{path} is missing, truncated or corrupt ({error_detail(e)}); resume from another checkpoint")
     try:
         if optimizer is not None and "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        die(f"{path} does not match this run's optimizer or is incomplete ({_first_line(e)})")
+        die(f"{path} does not match this run's optimizer or is incomplete ({error_detail(e)})")
     return state
 
 

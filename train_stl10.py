@@ -228,7 +228,7 @@ def check_shapes(config):
         try:
             model(torch.zeros(1, 3, size, size), torch.zeros(1), cond=make_cond(labels, config, table))
         except (ValueError, RuntimeError) as e:
-            common.die(f"model={config['model']} cannot take image_size={size}: {common._first_line(e)}")
+            common.die(f"model={config['model']} cannot take image_size={size}: {common.error_detail(e)}")
 
 
 def make_cond(labels, config, table):
