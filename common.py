@@ -768,12 +768,12 @@ def _state_dict(model):
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def _non_finite(tensors):
+def first_non_finite(tensors):
     """The name of the first floating-point tensor in a (nested) dict / list that holds a NaN or Inf, or None."""
     items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
     for k, v in items:
         if isinstance(v, (dict, list, tuple)):
-            inner = _non_finite(v)
+            inner = first_non_finite(v)
             if inner is not None:
                 return f"{k}.{inner}"
         elif torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
@@ -842,7 +842,7 @@ def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=No
     state = {"step": step, "rng": rng_state(), "extra": extra or {}}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
-    bad = _non_finite({**weights, "optimizer": state.get("optimizer", {})})
+    bad = first_non_finite({**weights, "optimizer": state.get("optimizer", {})})
     if bad is not None:
         die(f"refusing to write {final}: {bad} is not finite; the last good checkpoint is {_latest(out_dir) or 'none'}")
     try:
@@ -1253,6 +1253,11 @@ class Metrics:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def unwritable(path, e):
+    """The one-line stop for an OSError while writing `path` (a full disk, a read-only folder)."""
+    die(f"cannot write {path} ({e.strerror or e}); free some space or choose a writable out_dir=")
+
+
 def progress_bar(iterable=None, desc="", disable=False, total=None):
     """A tqdm bar; disable=None shows it only on a terminal (so logs and CI stay clean), True hides it."""
     from tqdm.auto import tqdm
@@ -1284,7 +1289,7 @@ class Logger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            die(f"cannot append to {self.path} ({e.strerror or e}); free some space or choose a writable out_dir=")
+            unwritable(self.path, e)
         parts = [f"step {step}"]
         for k, v in values.items():
             if isinstance(v, float):
@@ -1317,7 +1322,7 @@ def save_image_grid(x, path, nrow=None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         matplotlib.image.imsave(path, image_grid(x, nrow))
     except OSError as e:
-        die(f"cannot write {path} ({e.strerror or e}); free some space or choose a writable out_dir=")
+        unwritable(path, e)
 
 
 def save_figure(fig, png_path):
@@ -1328,7 +1333,7 @@ def save_figure(fig, png_path):
     try:
         fig.savefig(png_path, dpi=100)
     except OSError as e:
-        die(f"cannot write {png_path} ({e.strerror or e}); free some space or choose a writable out_dir=")
+        unwritable(png_path, e)
     finally:
         plt.close(fig)
 

@@ -51,10 +51,10 @@ def rebuild(ckpt_dir, config, which):
     except (ValueError, TypeError) as e:
         common.die(f"{ckpt_dir}: cannot rebuild model={config['model']!r} size={config['size']!r} ({e})")
     common.load_weights(ckpt_dir, model, which)
-    bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
-    if bad:
+    bad = common.first_non_finite(model.state_dict())
+    if bad is not None:
         path = os.path.join(ckpt_dir, f"{which}.safetensors")
-        common.die(f"{path} has non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}; not evaluated")
+        common.die(f"{path} has non-finite values (NaN or inf), e.g. in {bad}; not evaluated")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
