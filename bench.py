@@ -3,6 +3,7 @@
     python bench.py samplers     # distribution error against NFE for every sampler (2D Gaussian mixture)
     python bench.py arc          # ARC training examples/s and peak memory per preset
     python bench.py models       # image backbones: train / sample samples/s and peak memory
+    python bench.py scaling      # HDiT, LocalMamba and DiT step time and memory against the number of tokens
 
 Each prints a table and writes bench_<name>.json (key out_dir=... to choose the folder);
 `python bench.py NAME --help` lists that benchmark's options.
@@ -175,20 +176,40 @@ MODEL_BENCH = {  # key=value overrides of `python bench.py models`
     "IMAGE_SIZE": 96,  # STL-10 resolution
     "ITERS": 3,  # timed iterations per measurement (after one warm-up)
     "SAMPLE_STEPS": 100,  # sampling steps behind "sample samples/s" (one CFG-batched forward per step)
-    "BACKBONES": ("unet", "dit", "uvit", "diffusers_unet", "diffusers_dit"),  # which rows to run
+    "BACKBONES": (  # which rows to run
+        "unet",
+        "dit",
+        "uvit",
+        "hdit",
+        "localmamba",
+        "mmdit",
+        "diffusers_unet",
+        "diffusers_dit",
+        "diffusers_sd3",
+    ),
     "OUT_DIR": ".",  # where bench_models.json goes
 }
-# The fixed STL-10 configuration: 96x96 RGB, 10 classes + null, each backbone at the size train_stl10.py would use.
+# The fixed STL-10 configuration: 96x96 RGB, 10 classes + null (text: an 8-token caption, a 384-d pooled vector),
+# each backbone at the size train_stl10.py would use: name -> (model, preset, keyword arguments, condition).
 BENCH_BACKBONES = {
-    "unet": ("ours", "unet", "small", {"num_classes": 10}),
-    "dit": ("ours", "dit", "S", {"num_classes": 10, "patch": 4}),
-    "uvit": ("ours", "uvit", "small", {"num_classes": 10, "patch": 4}),
+    "unet": ("unet", "small", {"num_classes": 10}, "class"),
+    "dit": ("dit", "S", {"num_classes": 10, "patch": 4}, "class"),
+    "uvit": ("uvit", "small", {"num_classes": 10, "patch": 4}, "class"),
+    "hdit": ("hdit", "eeg", {"num_classes": 10, "patch": 2}, "class"),
+    "localmamba": ("localmamba", "eeg", {"num_classes": 10, "patch": 2}, "class"),
+    "mmdit": ("mmdit", "S", {"context_dim": 384, "vector_dim": 384, "patch": 4}, "text"),
 }
+REFERENCES = {  # diffusers' models at matched size: name -> (what it is matched to, condition)
+    "diffusers_unet": ("unet small", "class"),
+    "diffusers_dit": ("DiT-S/4", "class"),
+    "diffusers_sd3": ("mmdit S/4", "text"),
+}
+_CAPTION_TOKENS = 8
 
 
 def diffusers_reference(name, image_size):
-    """diffusers' UNet2DModel / DiTTransformer2DModel at about the parameter count of our unet small / DiT-S/4,
-    wrapped to our call model(x, t, cond); None with the reason when diffusers is not installed."""
+    """diffusers' UNet2DModel / DiTTransformer2DModel / SD3Transformer2DModel at about the parameter count of our
+    unet small / DiT-S/4 / MMDiT-S/4, wrapped to our call model(x, t, cond); (None, reason) without diffusers."""
     try:
         import diffusers
     except ImportError:
@@ -204,6 +225,22 @@ def diffusers_reference(name, image_size):
             num_class_embeds=11,
         )
         return (lambda x, t, cond: net(x, t * 1000, class_labels=cond).sample), net
+    if name == "diffusers_sd3":  # MMDiT-S/4: 6 heads x 64, 12 joint blocks, 384-d caption tokens and pooled vector
+        net = diffusers.SD3Transformer2DModel(
+            sample_size=image_size,
+            patch_size=4,
+            in_channels=3,
+            num_layers=12,
+            attention_head_dim=64,
+            num_attention_heads=6,
+            joint_attention_dim=384,
+            caption_projection_dim=384,
+            pooled_projection_dim=384,
+            out_channels=3,
+            pos_embed_max_size=image_size // 4,
+        )
+        fn = lambda x, t, c: net(x, c["context"], c["vector"], t * 1000).sample
+        return fn, net
     net = diffusers.DiTTransformer2DModel(  # DiT-S/4: 6 heads x 64, 12 layers
         num_attention_heads=6,
         attention_head_dim=64,
@@ -216,23 +253,37 @@ def diffusers_reference(name, image_size):
     return (lambda x, t, cond: net(x, t * 1000, class_labels=cond).sample), net
 
 
+def bench_conditions(kind, batch, dev):
+    """(cond, null) for `batch` samples: class ids and the null class, or a caption (context, mask, pooled vector)
+    and its dropped version (our models' learned null; diffusers' models get the zero caption)."""
+    if kind == "class":
+        return torch.randint(0, 10, (batch,), device=dev), torch.full((batch,), 10, device=dev)
+    cond = {
+        "context": torch.randn(batch, _CAPTION_TOKENS, 384, device=dev),
+        "context_mask": torch.ones(batch, _CAPTION_TOKENS, dtype=torch.bool, device=dev),
+        "vector": torch.randn(batch, 384, device=dev),
+        "drop": torch.zeros(batch, dtype=torch.bool, device=dev),
+    }
+    null = {k: torch.zeros_like(v) for k, v in cond.items()} | {"drop": ~cond["drop"]}
+    return cond, null
+
+
 def _bench_one(args):
     """One backbone in a fresh process: training samples/s, sampling samples/s and peak memory."""
     name, batch, size, iters, sample_steps = args
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = memory_baseline(dev)
     if name in BENCH_BACKBONES:
-        _, model_name, preset, kw = BENCH_BACKBONES[name]
-        net = models.make_model(model_name, preset, **kw)
-        fn = net
+        model_name, preset, kw, kind = BENCH_BACKBONES[name]
+        net = fn = models.make_model(model_name, preset, **kw)
     else:
-        fn, net = diffusers_reference(name, size)
+        (fn, net), kind = diffusers_reference(name, size), REFERENCES[name][1]
         if fn is None:
             return {"backbone": name, "skipped": net}
     net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x, t = torch.randn(batch, 3, size, size, device=dev), torch.rand(batch, device=dev)
-    cond = torch.randint(0, 11, (batch,), device=dev)
+    cond, null = bench_conditions(kind, batch, dev)
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
     def train_step():
@@ -244,7 +295,7 @@ def _bench_one(args):
 
     def sample_call():  # one sampler step with CFG: both halves in one batched forward
         with torch.no_grad(), autocast:
-            fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.full_like(cond, 10)]))
+            fn(torch.cat([x, x]), torch.cat([t, t]), common.cat_cond(cond, null))
 
     train_s = seconds_per_call(train_step, iters, dev)
     sample_s = seconds_per_call(sample_call, iters, dev)
@@ -263,11 +314,10 @@ def bench_models(argv):
     samples/s (SAMPLE_STEPS CFG-batched forwards per sample) and peak memory (CUDA allocated, or on CPU the
     growth of the process's peak RSS), each backbone in a fresh process, diffusers' models alongside."""
     opts = common.apply_overrides(dict(MODEL_BENCH, __doc__=bench_models.__doc__), argv)
-    unknown = [
-        b for b in opts["backbones"] if b not in BENCH_BACKBONES and b not in ("diffusers_unet", "diffusers_dit")
-    ]
+    known = list(BENCH_BACKBONES) + list(REFERENCES)
+    unknown = [b for b in opts["backbones"] if b not in known]
     if unknown:
-        common.die(f"backbones={unknown}: choose from unet, dit, uvit, diffusers_unet, diffusers_dit")
+        common.die(f"backbones={unknown}: choose from {', '.join(known)}")
     batch = opts["batch"] if opts["batch"] > 0 else (32 if torch.cuda.is_available() else 4)
     device = device_name()
     print(f"models: {opts['image_size']}x{opts['image_size']} RGB, 10 classes, batch {batch}, {device}", flush=True)
@@ -292,10 +342,97 @@ def bench_models(argv):
     print(f"wrote {path}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# scaling
+# ----------------------------------------------------------------------------------------------------------------
+
+SCALING_BENCH = {  # key=value overrides of `python bench.py scaling`
+    "SIZES": (32, 64, 128, 256),  # image sides in pixels
+    "PATCH": 4,  # the same patch for every backbone, so tokens = (side / PATCH)^2
+    "BATCH": -1,  # images per training step; -1: 8 on GPU, 2 on CPU
+    "ITERS": 2,  # timed training steps per size (after one warm-up)
+    "BACKBONES": ("hdit", "localmamba", "dit"),  # which backbones to run
+    "OUT_DIR": ".",  # where bench_scaling.json goes
+}
+SCALING_PRESETS = {"hdit": "eeg", "localmamba": "eeg", "dit": "S"}  # the reference EEG sizes; DiT-S beside them
+
+
+def _scaling_one(args):
+    """One training step (forward, backward, AdamW) of one backbone at one size, in a fresh process."""
+    name, side, patch, batch, iters = args
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = memory_baseline(dev)
+    net = models.make_model(name, SCALING_PRESETS[name], patch=patch).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x, t = torch.randn(batch, 3, side, side, device=dev), torch.rand(batch, device=dev)
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+    def train_step():
+        with autocast:
+            loss = (net(x, t).float() - x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        step_s = seconds_per_call(train_step, iters, dev)
+    except torch.OutOfMemoryError:
+        return {"backbone": name, "side": side, "skipped": "out of memory"}
+    return {"backbone": name, "side": side, "step_s": step_s, "peak_mem_mib": common.peak_memory_mb(dev) - base}
+
+
+def scaling_exponent(tokens, values):
+    """Least-squares slope of log(value) against log(tokens): ~1 linear, ~2 quadratic."""
+    lx, ly = torch.tensor(tokens, dtype=torch.float64).log(), torch.tensor(values, dtype=torch.float64).log()
+    lx = lx - lx.mean()
+    return float((lx * (ly - ly.mean())).sum() / lx.square().sum())
+
+
+def bench_scaling(argv):
+    """Training step time and peak memory of HDiT and LocalMamba (the reference EEG sizes) beside DiT-S at the same
+    patch, at growing image sides: HDiT's neighbourhood attention and LocalMamba's selective scan grow about
+    linearly in the number of tokens, DiT's global attention quadratically once it dominates. The exponent is the
+    log-log slope over the two largest sizes that ran (the smallest sizes are dominated by fixed costs)."""
+    opts = common.apply_overrides(dict(SCALING_BENCH, __doc__=bench_scaling.__doc__), argv)
+    unknown = [b for b in opts["backbones"] if b not in SCALING_PRESETS]
+    if unknown:
+        common.die(f"backbones={unknown}: choose from {', '.join(SCALING_PRESETS)}")
+    bad = [s for s in opts["sizes"] if not isinstance(s, int) or s <= 0 or s % (opts["patch"] * 8)]
+    if bad or opts["patch"] <= 0:
+        common.die(f"sizes={bad}: each side must be a positive multiple of 8 * patch ({8 * opts['patch']})")
+    batch = opts["batch"] if opts["batch"] > 0 else (8 if torch.cuda.is_available() else 2)
+    device = device_name()
+    print(f"scaling: patch {opts['patch']}, batch {batch}, {device}", flush=True)
+    rows, summary = [], {}
+    for name in opts["backbones"]:
+        for side in opts["sizes"]:
+            rows.append(in_fresh_process(_scaling_one, (name, side, opts["patch"], batch, opts["iters"])))
+            r, tokens = rows[-1], (side // opts["patch"]) ** 2
+            r["tokens"] = tokens
+            what = r["skipped"] if "skipped" in r else f"{r['step_s']:8.3f} s/step {r['peak_mem_mib']:8.0f} MiB"
+            print(f"{name:<12}{side:>5}px {tokens:>7} tokens  {what}", flush=True)
+        done = [r for r in rows if r["backbone"] == name and "skipped" not in r][-2:]
+        if len(done) == 2:
+            summary[name] = {
+                "time_exponent": scaling_exponent([r["tokens"] for r in done], [r["step_s"] for r in done]),
+                "memory_exponent": scaling_exponent([r["tokens"] for r in done], [r["peak_mem_mib"] for r in done]),
+            }
+            print(
+                f"{name}: time ~ tokens^{summary[name]['time_exponent']:.2f}, memory ~ tokens^"
+                f"{summary[name]['memory_exponent']:.2f} (between the two largest sizes)",
+                flush=True,
+            )
+    path = os.path.join(opts["out_dir"], "bench_scaling.json")
+    with open(path, "w") as f:
+        json.dump({"batch": batch, "device": device, **opts, "rows": rows, "exponents": summary}, f, indent=1)
+    print(f"wrote {path}")
+
+
 BENCHES = {  # name -> (function(argv), its options, the name of that dict in this file)
     "samplers": (bench_samplers, SAMPLER_BENCH, "SAMPLER_BENCH"),
     "arc": (bench_arc, ARC_BENCH, "ARC_BENCH"),
     "models": (bench_models, MODEL_BENCH, "MODEL_BENCH"),
+    "scaling": (bench_scaling, SCALING_BENCH, "SCALING_BENCH"),
 }
 
 

