@@ -749,6 +749,339 @@ class UViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# HDiT
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def neighbourhood_tiles(grid, kernel, device=None):
+    """Tiles with halos for neighbourhood attention (NAT, Hassani et al. 2023, arXiv:2204.07143) on a row-major
+    token grid -> queries (T, Q) and keys (T, R) flat token indices, mask (T, Q, R) bool: tile t holds the Q queries
+    queries[t] and the R tokens keys[t] of their halo, mask[t, i, j] True where key j is in query i's neighbourhood.
+    Neighbourhood (NATTEN's rule): per axis of size n, the k = min(kernel, n) positions from
+    clamp(i - kernel // 2, 0, n - k), a window centred on i and shifted inward at the borders; prod(k) keys a query.
+    Per axis a tile spans s = min(64^(1/dims), n) positions (the last tile shifted inward, so it may repeat some of
+    its neighbour's queries) and its halo min(s + k - 1, n): Q and R do not grow with the grid, so the cost is
+    O(L R), never L x L.
+    """
+    dims = len(grid)
+    kernel = (kernel,) * dims if isinstance(kernel, int) else tuple(kernel)
+
+    def place(x, *axes):  # view x at `axes` of the layout (tiles_1..d, queries_1..d, halo_1..d), size 1 elsewhere
+        shape = [1] * (3 * dims)
+        for axis, size in zip(axes, x.shape):
+            shape[axis] = size
+        return x.view(shape)
+
+    queries = keys = torch.zeros((), dtype=torch.long, device=device)
+    mask = torch.ones((), dtype=torch.bool, device=device)
+    for a, (n, size) in enumerate(zip(grid, kernel)):
+        stride, k, s = math.prod(grid[a + 1 :]), min(size, n), min(round(64 ** (1 / dims)), n)
+        starts = (torch.arange(-(-n // s), device=device) * s).clamp(max=n - s)  # (tiles,) first query of each
+        q_pos = starts[:, None] + torch.arange(s, device=device)  # (tiles, s)
+        r = min(s + k - 1, n)
+        r_pos = (starts - size // 2).clamp(0, n - r)[:, None] + torch.arange(r, device=device)  # (tiles, r) halos
+        first = (q_pos - size // 2).clamp(0, n - k)[..., None]  # (tiles, s, 1) each query's window start
+        inside = (r_pos[:, None] >= first) & (r_pos[:, None] < first + k)  # (tiles, s, r)
+        queries = queries + place(q_pos * stride, a, dims + a)
+        keys = keys + place(r_pos * stride, a, 2 * dims + a)
+        mask = mask & place(inside, a, dims + a, 2 * dims + a)
+    tiles = math.prod(mask.shape[:dims])
+    queries, keys = queries.reshape(tiles, -1), keys.reshape(tiles, -1)
+    return queries, keys, mask.reshape(tiles, queries.shape[1], keys.shape[1])
+
+
+def neighbourhood_attention(q, k, v, grid, kernel, scale=None):
+    """q, k, v (B, heads, L, d), tokens in row-major order on `grid` -> (B, heads, L, d): each query attends to the
+    keys of its neighbourhood only, softmax(scale q . k_j) over them (see neighbourhood_tiles). Pure PyTorch: per
+    tile, F.scaled_dot_product_attention over its halo with the neighbourhood as mask; time and memory O(L)."""
+    queries, keys, mask = neighbourhood_tiles(grid, kernel, q.device)
+    heads = q.shape[1]
+    q_t = rearrange(q[:, :, queries], "b h t q d -> b (h t) q d")  # (B, heads * tiles, Q, d)
+    k_t, v_t = (rearrange(x[:, :, keys], "b h t r d -> b (h t) r d") for x in (k, v))  # (B, heads * tiles, R, d)
+    out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask.repeat(heads, 1, 1), scale=scale)
+    pick = torch.empty(q.shape[2], dtype=torch.long, device=q.device)
+    pick[queries.flatten()] = torch.arange(queries.numel(), device=q.device)  # one tile's copy of each query
+    return rearrange(out, "b (h t) q d -> b h (t q) d", h=heads)[:, :, pick]
+
+
+def axial_rope(grid, cell, head_dim, device=None):
+    """Axial rotary position tables (RoPE, Su et al. 2021, arXiv:2104.09864; axial as in HDiT, arXiv:2401.11605):
+    (cos, sin), each (prod(grid), r), r = dims * n angles, n = head_dim // (4 dims) frequencies per axis,
+    log-spaced in [pi, 10 pi); rotating 2r channels covers half of each head (the paper's split), shared equally by
+    the axes (3D: 6n <= head_dim / 2 channels). cell: level-0 tokens per token of this level along each axis. A
+    token sits at the centre of its cell in one frame for every level, where the longest side of the level-0 grid
+    spans [-1, 1] and every axis has the same unit (frequencies and frame as in the authors' released code).
+    """
+    n = head_dim // (4 * len(grid))  # departure for dims = 1 or 3: the paper's 2D split generalised per axis
+    log_f = torch.linspace(math.log(math.pi), math.log(10 * math.pi), n + 1, device=device)[:-1]
+    extent = [g * c for g, c in zip(grid, cell)]  # the level-0 grid
+    axes = [
+        ((torch.arange(g, device=device, dtype=torch.float32) + 0.5) * c - e / 2) * (2 / max(extent))
+        for g, c, e in zip(grid, cell, extent)
+    ]
+    coords = torch.meshgrid(*axes, indexing="ij")
+    angles = torch.cat([pos.reshape(-1, 1) * log_f.exp() for pos in coords], dim=-1)  # (L, dims * n), float32
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the channel pairs (x_i, x_{i+r}), i < r, of x (..., L, d) by the angles of (cos, sin) (L, r):
+    x_i' = x_i cos - x_{i+r} sin, x_{i+r}' = x_{i+r} cos + x_i sin; channels 2r.. pass unchanged (RoPE,
+    arXiv:2104.09864, eq. 34, in the half-split channel layout)."""
+    r = cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # tables are float32; follow the activations (bf16 / fp16)
+    x1, x2, rest = x[..., :r], x[..., r : 2 * r], x[..., 2 * r :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def _merge_pattern(n):
+    fine = " ".join(f"g{i} m{i}" for i in range(n))
+    coarse, block = " ".join(f"g{i}" for i in range(n)), " ".join(f"m{i}" for i in range(n))
+    return f"b ({fine}) d", f"b ({coarse}) ({block} d)"
+
+
+def merge_tokens(x, grid, factor):
+    """(B, prod(grid), D) row-major on the fine `grid` -> (B, prod(grid / factor), prod(factor) * D): each coarse
+    token concatenates its factor block of fine tokens, ordered (m_1, ..., m_n, D) (PixelUnshuffle on tokens)."""
+    fine, coarse = _merge_pattern(len(grid))
+    sizes = {f"g{i}": g // f for i, (g, f) in enumerate(zip(grid, factor))} | {f"m{i}": f for i, f in enumerate(factor)}
+    return rearrange(x, f"{fine} -> {coarse}", **sizes)
+
+
+def split_tokens(x, grid, factor):
+    """Inverse of merge_tokens (PixelShuffle on tokens): (B, prod(grid), prod(factor) * D) on the coarse `grid` ->
+    (B, prod(grid * factor), D) row-major on the fine grid."""
+    fine, coarse = _merge_pattern(len(grid))
+    sizes = {f"g{i}": g for i, g in enumerate(grid)} | {f"m{i}": f for i, f in enumerate(factor)}
+    return rearrange(x, f"{coarse} -> {fine}", **sizes)
+
+
+class TokenMerge(nn.Module):
+    """HDiT token merge (arXiv:2401.11605): concatenate each factor block of tokens, then Linear to the next width.
+    Also the patch embedding, applied to pixels as tokens (the paper's PixelUnshuffle + Linear patching)."""
+
+    def __init__(self, dim_in, dim_out, factor):
+        super().__init__()
+        self.factor = factor
+        self.proj = nn.Linear(math.prod(factor) * dim_in, dim_out, bias=False)
+
+    def forward(self, x, grid):
+        """x (B, prod(grid), dim_in) on the fine grid -> (B, prod(grid / factor), dim_out)."""
+        return self.proj(merge_tokens(x, grid, self.factor))
+
+
+class TokenSplit(nn.Module):
+    """HDiT token split (arXiv:2401.11605): Linear to prod(factor) * width, then PixelShuffle-style back to the
+    fine grid."""
+
+    def __init__(self, dim_in, dim_out, factor):
+        super().__init__()
+        self.factor = factor
+        self.proj = nn.Linear(dim_in, math.prod(factor) * dim_out, bias=False)
+
+    def forward(self, x, grid):
+        """x (B, prod(grid), dim_in) on the coarse grid -> (B, prod(grid * factor), dim_out)."""
+        return split_tokens(self.proj(x), grid, self.factor)
+
+
+class AdaRMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) with a per-sample channel scale 1 + W c regressed from the
+    mapping network's output c (HDiT, arXiv:2401.11605); W starts at zero, so the scale starts at 1."""
+
+    def __init__(self, dim, cond_dim):
+        super().__init__()
+        self.linear = zero_module(nn.Linear(cond_dim, dim, bias=False))
+
+    def forward(self, x, c):
+        """x (B, L, D), c (B, cond_dim) -> (B, L, D)."""
+        return F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + self.linear(c))[:, None]
+
+
+class GEGLU(nn.Module):
+    """Feed-forward with a GELU-gated linear unit (Shazeer 2020, arXiv:2002.05202): W_2 (x W * GELU(x V)); W_2
+    zero-initialised as in HDiT, so a residual branch starts as zero."""
+
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__()
+        self.up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.down = zero_module(nn.Linear(hidden, dim, bias=False))
+
+    def forward(self, x):
+        x, gate = self.up(x).chunk(2, dim=-1)
+        return self.down(self.drop(x * F.gelu(gate)))
+
+
+class MappingNetwork(nn.Module):
+    """HDiT's mapping network (arXiv:2401.11605): RMSNorm, `depth` residual RMSNorm + GEGLU blocks, RMSNorm; its
+    output conditions every AdaRMSNorm."""
+
+    def __init__(self, dim, depth, mlp_ratio=3.0, dropout=0.0):
+        super().__init__()
+        self.norm_in, self.norm_out = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.norms = nn.ModuleList([nn.RMSNorm(dim, eps=1e-6) for _ in range(depth)])
+        self.ffs = nn.ModuleList([GEGLU(dim, int(dim * mlp_ratio), dropout) for _ in range(depth)])
+
+    def forward(self, x):
+        x = self.norm_in(x)
+        for norm, ff in zip(self.norms, self.ffs):
+            x = x + ff(norm(x))
+        return self.norm_out(x)
+
+
+class HDiTBlock(nn.Module):
+    """HDiT transformer block (Crowson et al. 2024, arXiv:2401.11605): AdaRMSNorm -> cosine-similarity attention
+    (unit q and k, learned per-head temperature, init 10; Henry et al. 2020, arXiv:2010.04245) with axial RoPE on
+    q and k -> zero-initialised projection, residual; AdaRMSNorm -> GEGLU, residual. Attention is neighbourhood
+    attention with `kernel`, or global (F.scaled_dot_product_attention) when kernel is 0. context_dim > 0 adds
+    cross-attention to the context after self-attention (ours; the paper has no text conditioning).
+    """
+
+    def __init__(self, dim, head_dim, cond_dim, kernel=0, mlp_ratio=3.0, dropout=0.0, context_dim=0):
+        super().__init__()
+        self.heads, self.kernel = dim // head_dim, kernel
+        self.norm1 = AdaRMSNorm(dim, cond_dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.temperature = nn.Parameter(torch.full((self.heads,), 10.0))
+        self.drop = nn.Dropout(dropout)
+        self.proj = zero_module(nn.Linear(dim, dim, bias=False))
+        # departure: cross-attention (not in the paper), after an AdaRMSNorm, output projection zero at init
+        self.cross_norm = AdaRMSNorm(dim, cond_dim) if context_dim else None
+        self.cross = Attention(dim, self.heads, context_dim, zero_init=True) if context_dim else None
+        self.norm2 = AdaRMSNorm(dim, cond_dim)
+        self.ff = GEGLU(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, x, c, grid, rope, context=None, mask=None):
+        """x (B, L, D) on `grid`, c (B, cond_dim), rope = axial_rope(...) tables of this level -> (B, L, D)."""
+        q, k, v = rearrange(self.qkv(self.norm1(x, c)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        q = F.normalize(q, dim=-1, eps=1e-6) * self.temperature.to(q.dtype)[:, None, None]
+        q, k = apply_rope(q, *rope), apply_rope(F.normalize(k, dim=-1, eps=1e-6), *rope)  # rotations keep norms
+        if self.kernel:
+            out = neighbourhood_attention(q, k, v, grid, self.kernel, scale=1.0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # the temperature is already in q
+        x = x + self.proj(self.drop(rearrange(out, "b h l d -> b l (h d)")))
+        if self.cross is not None:
+            x = x + self.cross(self.cross_norm(x, c), context, mask)
+        return x + self.ff(self.norm2(x, c))
+
+
+class HDiT(nn.Module):
+    """Hourglass Diffusion Transformer (Crowson et al. 2024, arXiv:2401.11605) on 1D, 2D or 3D inputs.
+
+    Patching (PixelUnshuffle + Linear; `patch` an int or a tuple per axis, e.g. (1, 8) for a 1 x T series) -> per
+    level i < last: depths[i] blocks with neighbourhood attention (`kernel`; a side smaller than the kernel is
+    attended whole), keep a skip, token merge (`merge` per axis) to widths[i + 1] -> the last level, the middle of
+    the hourglass: depths[-1] blocks with global attention -> back up: token split, x = lerp(skip, x, w) with a
+    learned w per level (init 0.5), depths[i] blocks -> RMSNorm -> zero-initialised Linear -> unpatchify, so the
+    untrained model outputs exactly zero. Every level but the last has depths[i] blocks on each side, encoder and
+    decoder, as in the paper's released configurations. Residual outputs (attention, GEGLU) start at zero, as in the paper.
+    Conditioning: mapping network (time embedding + class/vector embedding) -> every AdaRMSNorm.
+    Departures from the paper:
+      - time: the shared TimestepEmbedder of t in [0, 1] replaces Fourier features of ln(sigma) / 4; no
+        augmentation-conditioning input (pass augmentation parameters as the `vector` condition);
+      - the context is read by cross-attention in the middle (global) level's blocks only (no text in the paper);
+        concat channels join x before patching;
+      - dims = 1 or 3 and per-axis patch/merge sizes (the paper: 2D, square); RoPE frequencies split over the axes;
+      - neighbourhood attention in pure PyTorch, as masked attention over tiles with halos (NATTEN's semantics,
+        not its kernels).
+    kernel=0 gives global attention at every level.
+    """
+
+    PRESETS = {
+        "tiny": dict(widths=(32, 64), depths=(1, 1), head_dim=16, mapping_width=64),
+        "eeg": dict(patch=2, widths=(64, 128, 256), depths=(2, 2, 3), head_dim=64, kernel=7, mapping_width=256),
+        "imagenet256": dict(patch=4, widths=(384, 768), depths=(2, 11), head_dim=64, kernel=7, mapping_width=768),
+    }
+
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=None,
+        dims=2,
+        patch=2,
+        widths=(64, 128, 256),
+        depths=(2, 2, 3),
+        head_dim=64,
+        kernel=7,
+        merge=2,
+        mlp_ratio=3.0,
+        mapping_width=256,
+        mapping_depth=2,
+        dropout=0.0,
+        num_classes=0,
+        vector_dim=0,
+        context_dim=0,
+        concat_channels=0,
+    ):
+        super().__init__()
+        self.patch = (patch,) * dims if isinstance(patch, int) else tuple(patch)
+        self.merge = (merge,) * dims if isinstance(merge, int) else tuple(merge)
+        if len(self.patch) != dims or len(self.merge) != dims:
+            raise ValueError(f"patch {patch} and merge {merge} need one size per axis (dims={dims})")
+        if len(widths) != len(depths) or any(w % head_dim for w in widths):
+            raise ValueError(
+                f"widths {widths} need one depth each (depths {depths}) and to be multiples of {head_dim=}"
+            )
+        if head_dim < 4 * dims:
+            raise ValueError(f"{head_dim=} leaves no RoPE frequency per axis; it needs >= 4 * dims = {4 * dims}")
+        self.dims, self.levels, self.head_dim = dims, len(widths), head_dim
+        self.out_channels = out_channels or in_channels
+        self.time_embed = TimestepEmbedder(mapping_width)  # departure: not Fourier features of ln(sigma) / 4
+        self.cond_embed = ConditionEmbedder(mapping_width, num_classes, vector_dim, context_dim, concat_channels)
+        self.mapping = MappingNetwork(mapping_width, mapping_depth, mlp_ratio, dropout)
+        self.patch_in = TokenMerge(in_channels + concat_channels, widths[0], self.patch)
+        block = lambda i, context_dim=0: HDiTBlock(
+            widths[i], head_dim, mapping_width, 0 if i == self.levels - 1 else kernel, mlp_ratio, dropout, context_dim
+        )
+        outer = range(self.levels - 1)
+        self.down = nn.ModuleList([nn.ModuleList([block(i) for _ in range(depths[i])]) for i in outer])
+        self.merges = nn.ModuleList([TokenMerge(widths[i], widths[i + 1], self.merge) for i in outer])
+        # departure: cross-attention to the context, in the middle level only
+        self.mid = nn.ModuleList([block(self.levels - 1, context_dim) for _ in range(depths[-1])])
+        self.splits = nn.ModuleList([TokenSplit(widths[i + 1], widths[i], self.merge) for i in outer])
+        self.skip_weights = nn.ParameterList([nn.Parameter(torch.tensor(0.5)) for _ in outer])
+        self.up = nn.ModuleList([nn.ModuleList([block(i) for _ in range(depths[i])]) for i in outer])
+        self.norm_out = nn.RMSNorm(widths[0], eps=1e-6)
+        self.linear_out = zero_module(nn.Linear(widths[0], math.prod(self.patch) * self.out_channels, bias=False))
+
+    def forward(self, x, t, cond=None):
+        factor = tuple(p * m ** (self.levels - 1) for p, m in zip(self.patch, self.merge))
+        if x.ndim != self.dims + 2 or any(s % f for s, f in zip(x.shape[2:], factor)):
+            raise ValueError(
+                f"HDiT(dims={self.dims}) needs (B, C, *spatial) with sides divisible by patch * merge^(levels-1) = "
+                f"{factor}, got {tuple(x.shape)}"
+            )
+        cond_emb, context, mask, concat = self.cond_embed(cond, x)
+        c = self.time_embed(t.expand(x.shape[0]))
+        c = self.mapping(c if cond_emb is None else c + cond_emb)  # (B, mapping_width)
+        x = x if concat is None else torch.cat([x, concat], dim=1)
+        pixels = rearrange(x, "b c ... -> b (...) c")  # (B, prod(spatial), C): pixels as tokens
+        h = self.patch_in(pixels, x.shape[2:])  # (B, L, widths[0])
+        grid, cell = tuple(s // p for s, p in zip(x.shape[2:], self.patch)), (1,) * self.dims
+        skips = []
+        for blocks, merge in zip(self.down, self.merges):
+            rope = axial_rope(grid, cell, self.head_dim, x.device)
+            for blk in blocks:
+                h = blk(h, c, grid, rope)
+            skips.append((h, grid, cell, rope))
+            h = merge(h, grid)
+            grid = tuple(g // m for g, m in zip(grid, self.merge))
+            cell = tuple(n * m for n, m in zip(cell, self.merge))
+        rope = axial_rope(grid, cell, self.head_dim, x.device)
+        for blk in self.mid:
+            h = blk(h, c, grid, rope, context, mask)
+        for blocks, split, weight in reversed(list(zip(self.up, self.splits, self.skip_weights))):
+            skip, fine_grid, cell, rope = skips.pop()
+            h = torch.lerp(skip, split(h, grid), weight.to(h.dtype))  # learned skip interpolation
+            grid = fine_grid
+            for blk in blocks:
+                h = blk(h, c, grid, rope)
+        h = self.linear_out(self.norm_out(h))  # (B, L, prod(patch) * C_out)
+        return unpatchify(h, grid, self.patch, self.out_channels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # MMDiT
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -940,6 +1273,7 @@ MODELS = {  # name -> class; each class has a PRESETS dict with at least "tiny"
     "unet": UNet,
     "dit": DiT,
     "uvit": UViT,
+    "hdit": HDiT,
     "mmdit": MMDiT,
     "arc": ArcDenoiser,
 }
