@@ -34,6 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+try:  # the fused CUDA selective scan (Gu & Dao 2023); optional, LocalMamba uses it on CUDA tensors when importable
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_selective_scan_fn
+except ImportError:
+    mamba_selective_scan_fn = None
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared blocks
@@ -1082,6 +1087,343 @@ class HDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# LocalMamba
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _linear_recurrence(a, x):
+    """h_t = a_t h_{t-1} + x_t, h_{-1} = 0, along dim -2 of a, x (..., T, N) with a in [0, 1] -> h (..., T, N).
+
+    The work-efficient even/odd recursion of a parallel prefix scan (Blelloch 1990, "Prefix sums and their
+    applications"; a first-order recurrence is a scan over (a, x) pairs): steps 2k, 2k+1 fuse into one step
+    (a_{2k+1} a_{2k}, a_{2k+1} x_{2k} + x_{2k+1}), the half-length recurrence gives h at odd t, and
+    h_{2k} = a_{2k} h_{2k-1} + x_{2k}. O(T) work in log2(T) levels; it only multiplies decays <= 1, so strong decay
+    underflows to 0 where exp(-cumsum(delta A)) factorisations overflow.
+    """
+    T = x.shape[-2]
+    if T == 1:
+        return x
+    if T % 2:  # odd length: append the identity step (a = 1, x = 0)
+        a, x = F.pad(a, (0, 0, 0, 1), value=1.0), F.pad(x, (0, 0, 0, 1))
+    a_even, a_odd, x_even, x_odd = a[..., 0::2, :], a[..., 1::2, :], x[..., 0::2, :], x[..., 1::2, :]
+    h_odd = _linear_recurrence(a_odd * a_even, a_odd * x_even + x_odd)  # h_1, h_3, ...
+    h_even = x_even + a_even * F.pad(h_odd[..., :-1, :], (0, 0, 1, 0))  # h_0 = x_0, h_2k = a_2k h_2k-1 + x_2k
+    return rearrange([h_even, h_odd], "two ... t n -> ... (t two) n")[..., :T, :]
+
+
+def _scan_chunk(u, delta, A, B, C, h):
+    """One chunk of the selective scan from state h (b, g, d, N): u, delta (b, g, d, T); A (g, d, N); B, C
+    (b, g, N, T) -> y (b, g, d, T) with y_t = C_t . h_t, and the state after the chunk's last step."""
+    a = torch.exp(delta[..., None] * A[:, :, None])  # (b, g, d, T, N): exp(delta_t A) in (0, 1]
+    x = (delta * u)[..., None] * rearrange(B, "b g n t -> b g 1 t n")  # (b, g, d, T, N): delta_t B_t u_t
+    x = torch.cat([x[..., :1, :] + a[..., :1, :] * h[..., None, :], x[..., 1:, :]], dim=-2)  # the carried state
+    states = _linear_recurrence(a, x)
+    return torch.einsum("bgdtn,bgnt->bgdt", states, C), states[..., -1, :].clone()  # a copy frees the chunk's states
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=256):
+    """Selective scan of Mamba (Gu & Dao 2023, arXiv:2312.00752, alg. 2, eq. 2 with the discretisation
+    A_bar = exp(delta A), B_bar = delta B of its kernel), per channel d and state n:
+        h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,    y_t = C_t . h_t + D u_t,    y_t <- y_t * SiLU(z_t).
+
+    Shapes as mamba_ssm's selective_scan_fn, which is used instead when importable and u is on CUDA: u, delta, z
+    (B, D_in, L); A (D_in, N), negative; B, C (B, N, L) or (B, G, N, L), group g shared by channels g D_in/G to
+    (g+1) D_in/G - 1; D, delta_bias (D_in,); delta <- softplus(delta + delta_bias) if delta_softplus -> y (B, D_in, L)
+    in u's dtype. This PyTorch path computes in float32 (float64 if given) even under autocast, runs the chunks of
+    `chunk` steps in sequence, each with the parallel scan of _linear_recurrence from the previous chunk's state
+    (O(L) work, L / chunk iterations), and under autograd recomputes each chunk in backward (activation
+    checkpointing), so only the chunk-boundary states (B, D_in, N) are kept, never all (B, D_in, L, N) states.
+    """
+    if mamba_selective_scan_fn is not None and u.is_cuda:
+        D, delta_bias = (None if v is None else v.float() for v in (D, delta_bias))
+        return mamba_selective_scan_fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
+    dtype = u.dtype
+    with torch.autocast(u.device.type, enabled=False):
+        f = torch.promote_types(dtype, torch.float32)
+        u, delta, A, B, C = (v.to(f) for v in (u, delta, A, B, C))
+        if delta_bias is not None:
+            delta = delta + delta_bias.to(f)[:, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        B, C = (v if v.ndim == 4 else v[:, None] for v in (B, C))  # (B, G, N, L)
+        G = B.shape[1]
+        u_g, delta_g = (rearrange(v, "b (g d) l -> b g d l", g=G) for v in (u, delta))
+        A_g = rearrange(A, "(g d) n -> g d n", g=G)
+        h = u.new_zeros(*u_g.shape[:3], A.shape[-1])  # (B, G, D_in / G, N)
+        ys = []
+        for start in range(0, u.shape[-1], chunk):
+            part = slice(start, start + chunk)
+            args = (u_g[..., part], delta_g[..., part], A_g, B[..., part], C[..., part], h)
+            if torch.is_grad_enabled():  # keep the chunk's inputs only; its states are recomputed in backward
+                y, h = torch.utils.checkpoint.checkpoint(_scan_chunk, *args, use_reentrant=False)
+            else:
+                y, h = _scan_chunk(*args)
+            ys.append(y)
+        y = rearrange(torch.cat(ys, dim=-1), "b g d l -> b (g d) l")
+        if D is not None:
+            y = y + D.to(f)[:, None] * u
+        if z is not None:
+            y = y * F.silu(z.to(f))
+    return y.to(dtype)
+
+
+def _parse_scan(name, dims, window):
+    """Scan name -> (kind "h" | "v" | "w", window side, flip); ValueError for an unknown name or "v" in 1D."""
+    base = name.removesuffix("_flip")
+    if base in ("h", "v") or (base[:1] == "w" and (base[1:] == "" or base[1:].isdigit() and int(base[1:]) > 0)):
+        if base == "v" and dims == 1:
+            raise ValueError(f"scan {name!r} needs dims >= 2 (a 1D sequence has only the horizontal order)")
+        return base[0], int(base[1:] or window) if base[0] == "w" else 0, name != base
+    raise ValueError(f"unknown scan {name!r}; scans are h, v, w (side `window`) or w<k>, each optionally + '_flip'")
+
+
+def scan_order(grid, name, window=7, device=None):
+    """Token order of the scan `name` on a token grid numbered row-major -> (order, inverse), long (L,):
+    tokens[:, order] is the scanned sequence and scanned[:, inverse] restores row-major order.
+
+    h: row-major (last axis fastest); v: column-major (first axis fastest; 3D: (w, h, d) order, ours; not in 1D);
+    w / w<k>: LocalMamba's local scan (Huang et al. 2024, arXiv:2403.09338): k x k (x k) windows visited row-major,
+    row-major inside each (3D windows ours; in 1D this is the order of h); a side not divisible by k ends in a
+    shorter window instead of padding (ours), so no dummy token enters the recurrence and the order stays a
+    permutation of the L real tokens; <name>_flip: the reverse order.
+    """
+    kind, side, flip = _parse_scan(name, len(grid), window)
+    order = torch.arange(math.prod(grid), device=device).view(grid)
+    axes = [f"a{i}" for i in range(len(grid))]
+    if kind == "v":
+        order = rearrange(order, f"{' '.join(axes)} -> ({' '.join(reversed(axes))})")
+    elif kind == "w":
+        order = F.pad(order, [p for s in reversed(grid) for p in (0, -s % side)], value=-1)  # -1: outside the grid
+        windows, inside = " ".join(f"g{i}" for i in range(len(grid))), " ".join(f"w{i}" for i in range(len(grid)))
+        pattern = " ".join(f"(g{i} w{i})" for i in range(len(grid))) + f" -> ({windows} {inside})"
+        order = rearrange(order, pattern, **{f"w{i}": side for i in range(len(grid))})
+        order = order[order >= 0]
+    order = order.flatten().flip(0) if flip else order.flatten()
+    return order, torch.argsort(order)
+
+
+class SCAttn(nn.Module):
+    """Spatial and channel attention on one scan branch before the branches are summed (LocalMamba, arXiv:2403.09338,
+    fig. 3b): x_n = LN(x) (B, L, E); g = GELU(W_g mean_L(x_n)) (B, 1, E / 8); channel weights sigmoid(W_c g)
+    (B, 1, E); spatial weights sigmoid(W_s [GELU(W_l x_n), g]) (B, L, 1); returns x * channel * spatial."""
+
+    def __init__(self, dim, ratio=0.125):
+        super().__init__()
+        reduced = max(1, int(dim * ratio))
+        self.norm = nn.LayerNorm(dim)
+        self.global_reduce, self.local_reduce = nn.Linear(dim, reduced), nn.Linear(dim, reduced)
+        self.channel_select, self.spatial_select = nn.Linear(reduced, dim), nn.Linear(2 * reduced, 1)
+
+    def forward(self, x):
+        x_n = self.norm(x)
+        g = F.gelu(self.global_reduce(x_n.mean(1, keepdim=True)))  # (B, 1, E / 8)
+        local = F.gelu(self.local_reduce(x_n))  # (B, L, E / 8)
+        channel = torch.sigmoid(self.channel_select(g))
+        spatial = torch.sigmoid(self.spatial_select(torch.cat([local, g.expand_as(local)], dim=-1)))
+        return x * channel * spatial
+
+
+class MultiScanMamba(nn.Module):
+    """The Mamba block (Gu & Dao 2023, arXiv:2312.00752, fig. 3) along K scan orders (LocalMamba, arXiv:2403.09338):
+    in_proj: x (B, L, dim) -> u, z (B, L, E), E = expand * dim; per order k: u, z gathered into scan order, causal
+    depthwise conv (kernel d_conv) along the scan, SiLU, x_proj -> (dt (R = ceil(dim / 16)), B_t, C_t (N)),
+    delta = dt_proj(dt), selective scan with A = -exp(A_log), D, gate SiLU(z); scattered back to token order, SCAttn;
+    summed over k; out_proj. The orders share in_proj, out_proj and SCAttn, each has its own conv, x_proj, dt_proj,
+    A, D (as the paper's code and Vim's bidirectional block, arXiv:2401.09417); the K orders run as one scan with K
+    groups of (B_t, C_t). Init as Mamba's: A_n = n (S4D-real, arXiv:2206.11893), D = 1, dt_proj weight
+    U(+-R^-1/2), bias softplus^-1(dt), dt log-uniform in [1e-3, 0.1].
+    """
+
+    def __init__(self, dim, scans, d_state=16, expand=2, d_conv=4):
+        super().__init__()
+        K, E, R = len(scans), expand * dim, math.ceil(dim / 16)
+        self.scans, self.d_state, self.rank = tuple(scans), d_state, R
+        self.in_proj = nn.Linear(dim, 2 * E, bias=False)
+        self.conv = nn.Conv1d(K * E, K * E, d_conv, groups=K * E, padding=d_conv - 1)  # per order and channel
+        self.x_proj = nn.Parameter(torch.empty(K, E, R + 2 * d_state).uniform_(-(E**-0.5), E**-0.5))
+        self.dt_proj = nn.Parameter(torch.empty(K, R, E).uniform_(-(R**-0.5), R**-0.5))
+        dt = torch.exp(torch.empty(K, E).uniform_(math.log(1e-3), math.log(0.1))).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(K, E, 1))  # (K, E, N)
+        self.D = nn.Parameter(torch.ones(K, E))
+        self.attn = SCAttn(E)
+        self.out_proj = nn.Linear(E, dim, bias=False)
+
+    def forward(self, x, orders):
+        """x (B, L, dim) in row-major token order, orders {name: (order, inverse)} from scan_order -> (B, L, dim)."""
+        K, L = len(self.scans), x.shape[1]
+        xz = self.in_proj(x)
+        xz = torch.stack([xz.index_select(1, orders[name][0]) for name in self.scans], dim=1)  # (B, K, L, 2E)
+        u, z = rearrange(xz, "b k l (two e) -> two b (k e) l", two=2)
+        u = F.silu(self.conv(u)[..., :L])  # causal along each scan
+        dbc = torch.einsum("bkel,ker->bkrl", rearrange(u, "b (k e) l -> b k e l", k=K), self.x_proj)
+        dt, B, C = dbc.split([self.rank, self.d_state, self.d_state], dim=2)  # (B, K, R | N | N, L)
+        delta = rearrange(torch.einsum("bkrl,kre->bkel", dt, self.dt_proj), "b k e l -> b (k e) l")
+        A = -torch.exp(rearrange(self.A_log.float(), "k e n -> (k e) n"))
+        y = selective_scan(u, delta, A, B, C, self.D.flatten(), z, self.dt_bias.flatten(), delta_softplus=True)
+        y = rearrange(y, "b (k e) l -> k b l e", k=K)
+        y = torch.stack([y[k].index_select(1, orders[name][1]) for k, name in enumerate(self.scans)])  # token order
+        y = rearrange(self.attn(rearrange(y, "k b l e -> (k b) l e")), "(k b) l e -> k b l e", k=K)
+        return self.out_proj(y.sum(0))
+
+
+class LocalMambaBlock(nn.Module):
+    """adaLN-Zero (DiT, arXiv:2212.09748) around the multi-scan Mamba: x + gate * mixer(LN(x) * (1 + scale) + shift),
+    shift/scale/gate regressed from the conditioning vector c, the gate zero at init so the block starts as the
+    identity (ours: the paper's blocks are unconditional); with mlp_ratio > 0 an MLP follows the same way (ours:
+    LocalVim's and the original VMamba's blocks have none)."""
+
+    def __init__(self, dim, emb_dim, scans, d_state, expand, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mixer = MultiScanMamba(dim, scans, d_state, expand)
+        hidden = int(dim * mlp_ratio)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if hidden else None
+        self.mlp = (
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+            if hidden
+            else None
+        )
+        self.ada = nn.Sequential(nn.SiLU(), zero_module(nn.Linear(emb_dim, (6 if hidden else 3) * dim)))
+
+    def forward(self, x, c, orders):
+        shift1, scale1, gate1, *mlp_mod = self.ada(c).chunk(3 if self.mlp is None else 6, dim=-1)  # each (B, dim)
+        x = x + gate1[:, None] * self.mixer(modulate(self.norm1(x), shift1, scale1), orders)
+        if self.mlp is not None:
+            shift2, scale2, gate2 = mlp_mod
+            x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class PatchMerge(nn.Module):
+    """Patch merging (Swin, Liu et al. 2021, arXiv:2103.14030, sec. 3.1; as in VMamba and LocalVMamba) on an N-D token
+    grid: each 2 x ... x 2 group of tokens -> concatenated (2^dims C_in) -> LayerNorm -> Linear to C_out; halves every
+    side. up=True is the mirror (patch expanding, Swin-Unet, arXiv:2105.05537): Linear C_in -> 2^dims C_out, each
+    token split into a 2 x ... x 2 group, LayerNorm; doubles every side."""
+
+    def __init__(self, dims, c_in, c_out, up=False):
+        super().__init__()
+        n, self.up = range(dims), up
+        fine = "b (" + " ".join(f"g{i} p{i}" for i in n) + ") c"
+        coarse = "b (" + " ".join(f"g{i}" for i in n) + ") (" + " ".join(f"p{i}" for i in n) + " c)"
+        self.pattern = f"{coarse} -> {fine}" if up else f"{fine} -> {coarse}"
+        self.norm = nn.LayerNorm(c_out if up else 2**dims * c_in)
+        self.proj = nn.Linear(c_in, 2**dims * c_out, bias=False) if up else nn.Linear(2**dims * c_in, c_out, bias=False)
+
+    def forward(self, x, grid):
+        """x (B, prod(grid), C_in) -> (B, prod(new grid), C_out), new grid."""
+        coarse = grid if self.up else tuple(s // 2 for s in grid)
+        sizes = {f"g{i}": s for i, s in enumerate(coarse)} | {f"p{i}": 2 for i in range(len(grid))}
+        if self.up:
+            return self.norm(rearrange(self.proj(x), self.pattern, **sizes)), tuple(2 * s for s in grid)
+        return self.proj(self.norm(rearrange(x, self.pattern, **sizes))), coarse
+
+
+class LocalMamba(nn.Module):
+    """LocalMamba (Huang et al. 2024, arXiv:2403.09338) as a U-shaped diffusion backbone on 1D, 2D or 3D inputs.
+
+    Patches -> stage s: depths[s] adaLN-Zero multi-scan Mamba blocks of width widths[s], patch merging between
+    stages (the paper's hierarchical LocalVMamba) -> mirrored up-stages: patch expanding, concatenation with the
+    encoder's output at that stage and a Linear (a long skip), depths[s] blocks (the U-shape is ours: the paper's
+    backbone is an encoder) -> adaLN final layer, zero-initialised, so the untrained model outputs exactly zero ->
+    unpatchify. No position embedding: the scans are order-aware (as in VMamba; Vim adds one).
+    scans (names: scan_order): one tuple for every layer, or a list of tuples with layer i (encoder then decoder, in
+    the order they run) using scans[i % len(scans)]: the paper searches them per layer, we take them as given.
+    None: 2D/3D layers alternate ("h", "v", "w") and ("h_flip", "v_flip", "w_flip") (ours: with forward orders only,
+    the first token of every order never sees the rest of the grid); 1D uses ("h", "h_flip") in every layer.
+    Conditions (module docstring): time + class + vector embeddings + a Linear of the masked mean of the context
+    tokens (a pooled-text vector as in SD3, arXiv:2403.03206; ours) form the vector c read by every adaLN; concat
+    channels join x before patch embedding.
+    """
+
+    PRESETS = {  # tiny for tests; eeg: the reference EEG project's sizes (scans None: h, v, w7 alternating with flips)
+        "tiny": dict(widths=(32, 64), depths=(1, 1), d_state=8),
+        "eeg": dict(widths=(64, 128, 256, 512), depths=(2, 2, 6, 2), d_state=16, window=7),
+    }
+
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=None,
+        dims=2,
+        patch=2,
+        widths=(64, 128, 256, 512),
+        depths=(2, 2, 6, 2),
+        d_state=16,
+        expand=2,
+        scans=None,
+        window=7,
+        mlp_ratio=0.0,
+        num_classes=0,
+        vector_dim=0,
+        context_dim=0,
+        concat_channels=0,
+    ):
+        super().__init__()
+        self.patch = (patch,) * dims if isinstance(patch, int) else tuple(patch)
+        if len(self.patch) != dims or len(widths) != len(depths):
+            raise ValueError(f"patch {patch} needs one size per axis (dims={dims}), depths {depths} one per width")
+        if scans is None:
+            scans = ("h", "h_flip") if dims == 1 else [("h", "v", "w"), ("h_flip", "v_flip", "w_flip")]
+        self.scans = [tuple(scans)] if isinstance(scans[0], str) else [tuple(s) for s in scans]
+        self.scan_names = sorted({name for names in self.scans for name in names})
+        for name in self.scan_names:
+            _parse_scan(name, dims, window)
+        self.dims, self.window, self.out_channels = dims, window, out_channels or in_channels
+        emb_dim, stages = 4 * widths[0], len(widths)
+        self.time_embed = TimestepEmbedder(emb_dim)
+        self.cond_embed = ConditionEmbedder(emb_dim, num_classes, vector_dim, context_dim, concat_channels)
+        self.context_embed = nn.Linear(context_dim, emb_dim) if context_dim else None
+        self.patch_embed = conv_nd(dims, in_channels + concat_channels, widths[0], self.patch, stride=self.patch)
+        n_layers = sum(depths) + sum(depths[:-1])
+        layer_scans = iter([self.scans[i % len(self.scans)] for i in range(n_layers)])
+        block = lambda width: LocalMambaBlock(width, emb_dim, next(layer_scans), d_state, expand, mlp_ratio)
+        self.encoder = nn.ModuleList(nn.ModuleList(block(w) for _ in range(d)) for w, d in zip(widths, depths))
+        up = [nn.ModuleList(block(widths[s]) for _ in range(depths[s])) for s in reversed(range(stages - 1))]
+        self.decoder = nn.ModuleList(up[::-1])  # indexed by stage; built deepest first, so layers count as they run
+        self.down = nn.ModuleList(PatchMerge(dims, widths[s], widths[s + 1]) for s in range(stages - 1))
+        self.up = nn.ModuleList(PatchMerge(dims, widths[s + 1], widths[s], up=True) for s in range(stages - 1))
+        self.skip = nn.ModuleList(nn.Linear(2 * widths[s], widths[s]) for s in range(stages - 1))
+        self.norm_out = nn.LayerNorm(widths[0], elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), zero_module(nn.Linear(emb_dim, 2 * widths[0])))
+        self.linear_out = zero_module(nn.Linear(widths[0], math.prod(self.patch) * self.out_channels))
+
+    def forward(self, x, t, cond=None):
+        factor = tuple(p * 2 ** (len(self.encoder) - 1) for p in self.patch)
+        if x.ndim != self.dims + 2 or any(s % f for s, f in zip(x.shape[2:], factor)):
+            raise ValueError(
+                f"LocalMamba(dims={self.dims}) needs (B, C, *spatial) with sides divisible by {factor} "
+                f"(patch x 2^(stages - 1)), got {tuple(x.shape)}"
+            )
+        cond_emb, context, context_mask, concat = self.cond_embed(cond, x)
+        c = self.time_embed(t.expand(x.shape[0]))
+        c = c if cond_emb is None else c + cond_emb
+        if context is not None:  # masked mean over the valid tokens (a dropped sample: L copies of the null token)
+            valid = torch.ones_like(context[..., 0], dtype=torch.bool) if context_mask is None else context_mask
+            pooled = torch.where(valid[..., None], context, 0.0).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+            c = c + self.context_embed(pooled.to(c.dtype))
+        h = self.patch_embed(x if concat is None else torch.cat([x, concat], dim=1))  # (B, D, *grid)
+        grid = tuple(h.shape[2:])
+        h = rearrange(h, "b d ... -> b (...) d")  # (B, L, D), row-major
+        orders, skips = [], []
+        for s, blocks in enumerate(self.encoder):
+            if s:
+                h, grid = self.down[s - 1](h, grid)
+            orders.append({name: scan_order(grid, name, self.window, x.device) for name in self.scan_names})
+            for block in blocks:
+                h = block(h, c, orders[s])
+            skips.append(h)
+        for s in reversed(range(len(self.decoder))):
+            h, grid = self.up[s](h, grid)
+            h = self.skip[s](torch.cat([h, skips[s]], dim=-1))
+            for block in self.decoder[s]:
+                h = block(h, c, orders[s])
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        h = self.linear_out(modulate(self.norm_out(h), shift, scale))  # (B, L, prod(patch) * C_out)
+        return unpatchify(h, grid, self.patch, self.out_channels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # MMDiT
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1274,6 +1616,7 @@ MODELS = {  # name -> class; each class has a PRESETS dict with at least "tiny"
     "dit": DiT,
     "uvit": UViT,
     "hdit": HDiT,
+    "localmamba": LocalMamba,
     "mmdit": MMDiT,
     "arc": ArcDenoiser,
 }

@@ -34,6 +34,11 @@ CASES = {  # name -> [(keyword arguments, input shape)]: the cases each MODELS e
         (dict(dims=2, in_channels=1, patch=(1, 8), merge=(1, 2)), (B, 1, 4, 128)),  # a 1 x T series as an image
         (dict(dims=3, in_channels=2, out_channels=1, kernel=3), (B, 2, 8, 8, 8)),
     ],
+    "localmamba": [
+        (dict(dims=1, in_channels=4), (B, 4, 64)),
+        (dict(dims=2, in_channels=3), (B, 3, 16, 16)),
+        (dict(dims=3, in_channels=2, out_channels=1), (B, 2, 8, 8, 8)),
+    ],
     "mmdit": [
         (dict(dims=1, in_channels=4, patch=8), (B, 4, 64)),
         (dict(dims=2, in_channels=3, patch=2), (B, 3, 16, 16)),
@@ -47,7 +52,7 @@ ZERO_AT_INIT = {
     "hdit",
     "mmdit",
 }  # zero-initialised output layer (UNet conv, DiT / MMDiT adaLN-Zero, HDiT)
-IMAGE = ["unet", "dit", "uvit", "hdit", "mmdit"]  # the backbones that take the shared cond contract
+IMAGE = ["unet", "dit", "uvit", "hdit", "localmamba", "mmdit"]  # the backbones that take the shared cond contract
 PARAMS = [(name, i) for name in models.MODELS for i in range(len(CASES.get(name, [None])))]
 
 
