@@ -27,6 +27,7 @@ Every registry entry has a `tiny` preset.
 Shape letters: B batch, C channels, H/W height/width, D model width, L tokens, G ARC grid side.
 """
 
+import contextlib
 import math
 
 import torch
@@ -1138,7 +1139,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         D, delta_bias = (None if v is None else v.float() for v in (D, delta_bias))
         return mamba_selective_scan_fn(u, delta, A.float(), B, C, D, z, delta_bias, delta_softplus)
     dtype = u.dtype
-    with torch.autocast(u.device.type, enabled=False):
+    plain = not torch.amp.is_autocast_available(u.device.type)  # the meta device (shape checks) has no autocast
+    with contextlib.nullcontext() if plain else torch.autocast(u.device.type, enabled=False):
         f = torch.promote_types(dtype, torch.float32)
         u, delta, A, B, C = (v.to(f) for v in (u, delta, A, B, C))
         if delta_bias is not None:
@@ -1188,7 +1190,7 @@ def scan_order(grid, name, window=7, device=None):
     permutation of the L real tokens; <name>_flip: the reverse order.
     """
     kind, side, flip = _parse_scan(name, len(grid), window)
-    order = torch.arange(math.prod(grid), device=device).view(grid)
+    order = torch.arange(math.prod(grid), device="cpu").view(grid)  # boolean indexing below has no meta kernel
     axes = [f"a{i}" for i in range(len(grid))]
     if kind == "v":
         order = rearrange(order, f"{' '.join(axes)} -> ({' '.join(reversed(axes))})")
@@ -1199,7 +1201,7 @@ def scan_order(grid, name, window=7, device=None):
         order = rearrange(order, pattern, **{f"w{i}": side for i in range(len(grid))})
         order = order[order >= 0]
     order = order.flatten().flip(0) if flip else order.flatten()
-    return order, torch.argsort(order)
+    return order.to(device), torch.argsort(order).to(device)
 
 
 class SCAttn(nn.Module):
