@@ -212,6 +212,21 @@ def check(condition, msg):
         die(msg)
 
 
+def check_fits(n_params, what):
+    """die unless the fp32 weights, their EMA and AdamW's two moments (16 bytes a parameter) fit in this machine's
+    memory (the GPU's when there is one): a width typed with extra zeros stops here, not in the kernel's OOM killer."""
+    need = 16 * n_params
+    if torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    check(
+        need <= have,
+        f"{what} has {n_params / 1e6:,.0f}M parameters: weights, EMA and AdamW state need {need / 2**30:,.0f} GiB, "
+        f"more than the {have / 2**30:,.0f} GiB of {where}; choose a smaller size or width",
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Noise schedules
 # ----------------------------------------------------------------------------------------------------------------

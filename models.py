@@ -2,7 +2,8 @@
 
 Contract: every backbone is called as `model(x, t, cond=None)` and returns a tensor shaped like its output.
 t (B,) is the noise level, in [0, 1] (t=0 clean, t=1 noise, see common.py) for the image backbones; ArcDenoiser
-takes a log-SNR instead (see its docstring). `cond` for UNet, DiT and U-ViT (ArcDenoiser has its own dict) is:
+takes a log-SNR instead (see its docstring). `cond` for every image backbone (UNet, DiT, U-ViT, HDiT, LocalMamba,
+MMDiT; ArcDenoiser has its own dict) is:
   - None: every condition the model was built with takes its learned null (unconditional);
   - class ids (B,) long, id num_classes being the null class: shorthand for {"class": ids};
   - a dict of any of
@@ -21,8 +22,10 @@ context -> one learned token (1, context_dim) standing in for the whole sequence
 context gets it at every position, all valid, which attends exactly like the single token; U-ViT, whose context
 has a fixed count context_len, repeats it context_len times); concat -> a learned per-channel constant
 (concat_channels,) broadcast over space.
-UNet, DiT and U-ViT take `num_classes=0, vector_dim=0, context_dim=0, concat_channels=0`; the network sees
-in_channels + concat_channels input channels and outputs out_channels (default in_channels).
+The image backbones take `num_classes=0, vector_dim=0, context_dim=0, concat_channels=0`; the network sees
+in_channels + concat_channels input channels and outputs out_channels (default in_channels). The context is read by
+cross-attention (UNet, DiT; HDiT at its coarsest level), as tokens (U-ViT), as MMDiT's second token stream with
+joint attention, or as a masked mean pooled into the conditioning vector (LocalMamba).
 Every registry entry has a `tiny` preset.
 Shape letters: B batch, C channels, H/W height/width, D model width, L tokens, G ARC grid side.
 """

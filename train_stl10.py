@@ -41,7 +41,7 @@ IMAGE_SIZE: common.bounds("8..96") = 96  # pixels; below 96 the images are area-
 HFLIP = True  # random horizontal flips
 # model
 MODEL: common.choices("unet", "dit", "uvit", "hdit", "localmamba", "mmdit") = "unet"  # backbone
-SIZE = "small"  # preset (PRESETS of each backbone in models.py): e.g. unet small, dit S, hdit eeg, mmdit S
+SIZE = ""  # preset (PRESETS of each backbone in models.py); "" the backbone's default in _DEFAULT_SIZE
 WIDTH: common.bounds("> 0 or -1") = -1  # base width (UNet channels, transformer dim, first level); -1 the preset's
 PATCH: common.bounds("> 0") = 4  # patch side in pixels (all but the UNet)
 DROPOUT: common.bounds("0..1") = 0.1  # UNet ResBlock dropout
@@ -79,6 +79,7 @@ SEED: common.bounds(">= 0") = 0  # seeds the initial weights, the data order and
 MIXED_PRECISION: common.choices("no", "bf16", "fp16") = "bf16"  # used on GPU only (CPU runs fp32)
 COMPILE = False  # torch.compile the model
 
+_DEFAULT_SIZE = {"unet": "small", "dit": "S", "uvit": "small", "hdit": "eeg", "localmamba": "eeg", "mmdit": "S"}
 _URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 _ARCHIVE_MD5 = "91f7769df0f17e558f3565bffb0c7dfb"
 _SIDE, _IMAGE_BYTES, _N_CLASSES = 96, 3 * 96 * 96, 10
@@ -228,6 +229,9 @@ def build_model(config):
         return models.make_model(config["model"], config["size"], **config["model_kw"])
     except (ValueError, TypeError) as e:
         common.die(f"cannot build model={config['model']} size={config['size']}: {e}")
+    except (RuntimeError, MemoryError) as e:  # e.g. a width too large to allocate
+        detail = common.error_detail(e)
+        common.die(f"cannot allocate model={config['model']} size={config['size']} width={config['width']}: {detail}")
 
 
 def check_shapes(config):
@@ -240,6 +244,7 @@ def check_shapes(config):
     )
     with torch.device("meta"):
         model, size = build_model(config), config["image_size"]
+        common.check_fits(sum(p.numel() for p in model.parameters()), f"model={config['model']} size={config['size']}")
         labels = torch.zeros(1, dtype=torch.long)
         table = None  # a stand-in for text_table's output: 8 tokens per caption
         if config["cond"] == "text":
@@ -376,6 +381,7 @@ def plot_projection(vectors, labels, png_path, title):
 
 def main(argv):
     config = common.apply_overrides(globals(), argv)
+    config["size"] = SIZE or _DEFAULT_SIZE[MODEL]
     config.update(script="train_stl10", n_classes=_N_CLASSES, model_kw=model_kwargs(config, _N_CLASSES))
     check_shapes(config)
     run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
@@ -392,7 +398,7 @@ def main(argv):
     ema = common.EMA(raw)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
     describe = f"STL-10 {DATA_DIR}: {len(images)} images ({int((labels < 0).sum())} unlabelled), {IMAGE_SIZE}px; "
-    describe += f"{MODEL} {SIZE}, cond={COND}" + (
+    describe += f"{MODEL} {config['size']}, cond={COND}" + (
         f" ({count_context_modules(raw)} modules read the caption)" * (COND == "text")
     )
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
