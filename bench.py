@@ -150,6 +150,8 @@ def bench_arc(argv):
     examples/s and peak memory (CUDA allocated, or on CPU the growth of the process's peak RSS), each preset in a
     fresh process. Self-conditioning runs on about half the steps, as in training."""
     opts = common.apply_overrides(dict(ARC_BENCH, __doc__=bench_arc.__doc__), argv)
+    common.check(opts["batch"] > 0 or opts["batch"] == -1, f"batch={opts['batch']}: give a positive number or -1")
+    common.check(opts["iters"] > 0, f"iters={opts['iters']}: give a positive number")
     unknown = [s for s in opts["sizes"] if s not in models.ArcDenoiser.PRESETS]
     if unknown:
         common.die(f"sizes={unknown}: choose from {', '.join(models.ArcDenoiser.PRESETS)}")
@@ -314,6 +316,10 @@ def bench_models(argv):
     samples/s (SAMPLE_STEPS CFG-batched forwards per sample) and peak memory (CUDA allocated, or on CPU the
     growth of the process's peak RSS), each backbone in a fresh process, diffusers' models alongside."""
     opts = common.apply_overrides(dict(MODEL_BENCH, __doc__=bench_models.__doc__), argv)
+    common.check(opts["batch"] > 0 or opts["batch"] == -1, f"batch={opts['batch']}: give a positive number or -1")
+    for key in ("iters", "sample_steps", "image_size"):
+        common.check(opts[key] > 0, f"{key}={opts[key]}: give a positive number")
+    common.check(opts["image_size"] % 16 == 0, f"image_size={opts['image_size']}: give a multiple of 16 (every row)")
     known = list(BENCH_BACKBONES) + list(REFERENCES)
     unknown = [b for b in opts["backbones"] if b not in known]
     if unknown:
@@ -394,12 +400,14 @@ def bench_scaling(argv):
     linearly in the number of tokens, DiT's global attention quadratically once it dominates. The exponent is the
     log-log slope over the two largest sizes that ran (the smallest sizes are dominated by fixed costs)."""
     opts = common.apply_overrides(dict(SCALING_BENCH, __doc__=bench_scaling.__doc__), argv)
+    common.check(opts["batch"] > 0 or opts["batch"] == -1, f"batch={opts['batch']}: give a positive number or -1")
     unknown = [b for b in opts["backbones"] if b not in SCALING_PRESETS]
     if unknown:
         common.die(f"backbones={unknown}: choose from {', '.join(SCALING_PRESETS)}")
+    for key in ("patch", "iters"):
+        common.check(opts[key] > 0, f"{key}={opts[key]}: give a positive number")
     bad = [s for s in opts["sizes"] if not isinstance(s, int) or s <= 0 or s % (opts["patch"] * 8)]
-    if bad or opts["patch"] <= 0:
-        common.die(f"sizes={bad}: each side must be a positive multiple of 8 * patch ({8 * opts['patch']})")
+    common.check(not bad, f"sizes={bad}: each side must be a positive multiple of 8 * patch ({8 * opts['patch']})")
     batch = opts["batch"] if opts["batch"] > 0 else (8 if torch.cuda.is_available() else 2)
     device = device_name()
     print(f"scaling: patch {opts['patch']}, batch {batch}, {device}", flush=True)
