@@ -984,7 +984,7 @@ class HDiT(nn.Module):
     the hourglass: depths[-1] blocks with global attention -> back up: token split, x = lerp(skip, x, w) with a
     learned w per level (init 0.5), depths[i] blocks -> RMSNorm -> zero-initialised Linear -> unpatchify, so the
     untrained model outputs exactly zero. Every level but the last has depths[i] blocks on each side, encoder and
-    decoder, as in the paper's released configurations. Residual outputs (attention, GEGLU) start at zero, as in the paper.
+    decoder, as in the paper's released configurations. Residual outputs (attention, GEGLU) start at zero (paper).
     Conditioning: mapping network (time embedding + class/vector embedding) -> every AdaRMSNorm.
     Departures from the paper:
       - time: the shared TimestepEmbedder of t in [0, 1] replaces Fourier features of ln(sigma) / 4; no

@@ -41,7 +41,7 @@ IMAGE_SIZE: common.bounds("8..96") = 96  # pixels; below 96 the images are area-
 HFLIP = True  # random horizontal flips
 # model
 MODEL: common.choices("unet", "dit", "uvit", "hdit", "localmamba", "mmdit") = "unet"  # backbone
-SIZE = ""  # preset (PRESETS of each backbone in models.py); "" the backbone's default in _DEFAULT_SIZE
+SIZE = ""  # preset in models.py; "" per backbone: unet small, dit S, uvit small, hdit eeg, localmamba eeg, mmdit S
 WIDTH: common.bounds("> 0 or -1") = -1  # base width (UNet channels, transformer dim, first level); -1 the preset's
 PATCH: common.bounds("> 0") = 4  # patch side in pixels (all but the UNet)
 DROPOUT: common.bounds("0..1") = 0.1  # UNet ResBlock dropout
