@@ -240,6 +240,7 @@ def diffusers_reference(name, image_size):
             pooled_projection_dim=384,
             out_channels=3,
             pos_embed_max_size=image_size // 4,
+            qk_norm="rms_norm",  # as ours (SD3 sec. 5.3.2)
         )
         fn = lambda x, t, c: net(x, c["context"], c["vector"], t * 1000).sample
         return fn, net

@@ -152,24 +152,12 @@ def test_preset_sizes():
 
 
 def test_parameter_count_matches_diffusers_sd3():
-    diffusers = pytest.importorskip("diffusers")
-    ours = count(M.MMDiT(**M.MMDiT.PRESETS["S"], context_dim=384, vector_dim=384))
-    theirs = count(
-        diffusers.SD3Transformer2DModel(
-            sample_size=48,
-            patch_size=2,
-            in_channels=3,
-            out_channels=3,
-            num_layers=12,
-            attention_head_dim=64,
-            num_attention_heads=6,
-            joint_attention_dim=384,
-            caption_projection_dim=384,
-            pooled_projection_dim=384,
-            pos_embed_max_size=48,  # a fixed sin-cos buffer in diffusers, no parameters
-            qk_norm="rms_norm",
-        )
-    )
+    """Our MMDiT-S/4 with a caption stream against the SD3 transformer that `bench.py models` compares it with."""
+    pytest.importorskip("diffusers")
+    import bench
+
+    ours = count(M.MMDiT(**M.MMDiT.PRESETS["S"] | {"patch": 4}, context_dim=384, vector_dim=384))
+    theirs = count(bench.diffusers_reference("diffusers_sd3", 96)[1])
     print(f"MMDiT-S {ours:,} parameters, diffusers SD3Transformer2DModel at the same size {theirs:,}")
     # diffusers keeps the last block's unused text query projection and its norm; we have two learned nulls
     assert abs(ours - theirs) < 0.01 * theirs
