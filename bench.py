@@ -59,6 +59,25 @@ def seconds_per_call(f, iters, dev):
     return (time.perf_counter() - t0) / iters
 
 
+def result_path(out_dir, name):
+    """OUT_DIR/bench_<name>.json, its folder created and checked before any work (a benchmark can run for an hour)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        common.unwritable(out_dir, e)
+    common.check(os.access(out_dir, os.W_OK), f"out_dir={out_dir!r} is not writable; choose a writable out_dir=")
+    return os.path.join(out_dir, f"bench_{name}.json")
+
+
+def write_result(path, result):
+    try:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    except OSError as e:
+        common.unwritable(path, e)
+    print(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # samplers
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,6 +96,7 @@ def bench_samplers(argv):
     n, out_dir = cfg["n"], cfg["out_dir"]
     if n < 2:
         common.die(f"n={n}: give at least 2 samples")
+    path = result_path(out_dir, "samplers")
     torch.set_num_threads(1)  # many tiny tensor operations: intra-op threads only add overhead
     mixture = common.GaussianMixture(**SAMPLER_MIXTURE)
     floor = mixture.error(mixture.sample(n, torch.Generator().manual_seed(0)))["max"]
@@ -96,10 +116,7 @@ def bench_samplers(argv):
     print(f"{'schedule':<8} {'sampler':<9} " + " ".join(f"{'NFE ' + str(k):>8}" for k in nfes))
     for r in rows:
         print(f"{r['schedule']:<8} {r['sampler']:<9} " + " ".join(f"{r['error'][k]:>8.4f}" for k in nfes))
-    path = os.path.join(out_dir, "bench_samplers.json")
-    with open(path, "w") as f:
-        json.dump({"n": n, "exact_samples_error": floor, "mixture": SAMPLER_MIXTURE, "rows": rows}, f, indent=1)
-    print(f"wrote {path}")
+    write_result(path, {"n": n, "exact_samples_error": floor, "mixture": SAMPLER_MIXTURE, "rows": rows})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,6 +173,7 @@ def bench_arc(argv):
     if unknown:
         common.die(f"sizes={unknown}: choose from {', '.join(models.ArcDenoiser.PRESETS)}")
     batch = opts["batch"] if opts["batch"] > 0 else (128 if torch.cuda.is_available() else 8)
+    path = result_path(opts["out_dir"], "arc")
     device = device_name()
     print(f"arc: {opts['grid']}x{opts['grid']} grids, batch {batch}, {device}", flush=True)
     rows = []
@@ -163,10 +181,7 @@ def bench_arc(argv):
         rows.append(in_fresh_process(_arc_one, (size, batch, opts["grid"], opts["iters"])))
         r = rows[-1]
         print(f"{size:<8}{r['params_m']:>7.1f}M {r['train_examples_s']:>9.2f} examples/s {r['peak_mem_mib']:>7.0f} MiB")
-    path = os.path.join(opts["out_dir"], "bench_arc.json")
-    with open(path, "w") as f:
-        json.dump({"batch": batch, "device": device, **opts, "rows": rows}, f, indent=1)
-    print(f"wrote {path}")
+    write_result(path, {"batch": batch, "device": device, **opts, "rows": rows})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,6 +341,7 @@ def bench_models(argv):
     if unknown:
         common.die(f"backbones={unknown}: choose from {', '.join(known)}")
     batch = opts["batch"] if opts["batch"] > 0 else (32 if torch.cuda.is_available() else 4)
+    path = result_path(opts["out_dir"], "models")
     device = device_name()
     print(f"models: {opts['image_size']}x{opts['image_size']} RGB, 10 classes, batch {batch}, {device}", flush=True)
     rows = []
@@ -343,10 +359,7 @@ def bench_models(argv):
                 f"{r['sample_samples_s']:>14.3f}{r['peak_mem_mib']:>11.0f}"
             )
     print(f"(sample img/s: images per second through {opts['sample_steps']} CFG steps)")
-    path = os.path.join(opts["out_dir"], "bench_models.json")
-    with open(path, "w") as f:
-        json.dump({"batch": batch, "device": device, **opts, "rows": rows}, f, indent=1)
-    print(f"wrote {path}")
+    write_result(path, {"batch": batch, "device": device, **opts, "rows": rows})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,6 +430,7 @@ def bench_scaling(argv):
     bad = [s for s in opts["sizes"] if not isinstance(s, int) or s <= 0 or s % (opts["patch"] * 8)]
     common.check(not bad, f"sizes={bad}: each side must be a positive multiple of 8 * patch ({8 * opts['patch']})")
     batch = opts["batch"] if opts["batch"] > 0 else (8 if torch.cuda.is_available() else 2)
+    path = result_path(opts["out_dir"], "scaling")
     device = device_name()
     print(f"scaling: patch {opts['patch']}, batch {batch}, {device}", flush=True)
     rows, summary = [], {}
@@ -438,10 +452,7 @@ def bench_scaling(argv):
                 f"{summary[name]['memory_exponent']:.2f} (between the two largest sizes)",
                 flush=True,
             )
-    path = os.path.join(opts["out_dir"], "bench_scaling.json")
-    with open(path, "w") as f:
-        json.dump({"batch": batch, "device": device, **opts, "rows": rows, "exponents": summary}, f, indent=1)
-    print(f"wrote {path}")
+    write_result(path, {"batch": batch, "device": device, **opts, "rows": rows, "exponents": summary})
 
 
 BENCHES = {  # name -> (function(argv), its options, the name of that dict in this file)
