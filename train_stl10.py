@@ -398,9 +398,10 @@ def main(argv):
     ema = common.EMA(raw)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
     describe = f"STL-10 {DATA_DIR}: {len(images)} images ({int((labels < 0).sum())} unlabelled), {IMAGE_SIZE}px; "
-    describe += f"{MODEL} {config['size']}, cond={COND}" + (
-        f" ({count_context_modules(raw)} modules read the caption)" * (COND == "text")
-    )
+    describe += f"{MODEL} {config['size']}, cond={COND}"
+    if COND == "text":
+        n = count_context_modules(raw)
+        describe += f" (caption read by {n} module{'s' * (n != 1)})"
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     fixed = torch.arange(0, len(images), max(1, len(images) // 8))[:8]  # reconstruction-sweep images
     fixed_images = to_model_range(images[fixed], IMAGE_SIZE).to(run.device)
