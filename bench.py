@@ -216,10 +216,10 @@ BENCH_BACKBONES = {
     "localmamba": ("localmamba", "eeg", {"num_classes": 10, "patch": 2}, "class"),
     "mmdit": ("mmdit", "S", {"context_dim": 384, "vector_dim": 384, "patch": 4}, "text"),
 }
-REFERENCES = {  # diffusers' models at matched size: name -> (what it is matched to, condition)
-    "diffusers_unet": ("unet small", "class"),
-    "diffusers_dit": ("DiT-S/4", "class"),
-    "diffusers_sd3": ("mmdit S/4", "text"),
+REFERENCES = {  # diffusers' models at matched size (see diffusers_reference): name -> the condition they take
+    "diffusers_unet": "class",
+    "diffusers_dit": "class",
+    "diffusers_sd3": "text",
 }
 _CAPTION_TOKENS = 8
 
@@ -295,7 +295,7 @@ def _bench_one(args):
         model_name, preset, kw, kind = BENCH_BACKBONES[name]
         net = fn = models.make_model(model_name, preset, **kw)
     else:
-        (fn, net), kind = diffusers_reference(name, size), REFERENCES[name][1]
+        (fn, net), kind = diffusers_reference(name, size), REFERENCES[name]
         if fn is None:
             return {"backbone": name, "skipped": net}
     net.to(dev)

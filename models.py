@@ -1308,20 +1308,15 @@ class PatchMerge(nn.Module):
 
     def __init__(self, dims, c_in, c_out, up=False):
         super().__init__()
-        n, self.up = range(dims), up
-        fine = "b (" + " ".join(f"g{i} p{i}" for i in n) + ") c"
-        coarse = "b (" + " ".join(f"g{i}" for i in n) + ") (" + " ".join(f"p{i}" for i in n) + " c)"
-        self.pattern = f"{coarse} -> {fine}" if up else f"{fine} -> {coarse}"
+        self.factor, self.up = (2,) * dims, up
         self.norm = nn.LayerNorm(c_out if up else 2**dims * c_in)
         self.proj = nn.Linear(c_in, 2**dims * c_out, bias=False) if up else nn.Linear(2**dims * c_in, c_out, bias=False)
 
     def forward(self, x, grid):
-        """x (B, prod(grid), C_in) -> (B, prod(new grid), C_out), new grid."""
-        coarse = grid if self.up else tuple(s // 2 for s in grid)
-        sizes = {f"g{i}": s for i, s in enumerate(coarse)} | {f"p{i}": 2 for i in range(len(grid))}
+        """x (B, prod(grid), C_in) -> (B, prod(new grid), C_out), new grid; the token layout of HDiT's merge / split."""
         if self.up:
-            return self.norm(rearrange(self.proj(x), self.pattern, **sizes)), tuple(2 * s for s in grid)
-        return self.proj(self.norm(rearrange(x, self.pattern, **sizes))), coarse
+            return self.norm(split_tokens(self.proj(x), grid, self.factor)), tuple(2 * s for s in grid)
+        return self.proj(self.norm(merge_tokens(x, grid, self.factor))), tuple(s // 2 for s in grid)
 
 
 class LocalMamba(nn.Module):
