@@ -19,6 +19,7 @@ import torch
 import common
 import models
 import train_arc
+import train_eeg
 import train_stl10
 
 GENERIC = {  # options of every checkpoint
@@ -27,6 +28,7 @@ GENERIC = {  # options of every checkpoint
 }
 DOMAINS = {  # config["script"] -> the train script whose EVAL options and evaluate() score its checkpoints
     "train_arc": train_arc,
+    "train_eeg": train_eeg,
     "train_stl10": train_stl10,
 }
 
