@@ -61,6 +61,7 @@ CLASSES: common.choices("sex-health", "health", "sex") = "sex-health"  # what a 
 # model
 MODEL: common.choices("dit", "hdit", "localmamba", "mmdit", "unet") = "hdit"  # backbone
 SIZE = ""  # preset in models.py; "" per backbone: dit S, hdit eeg, localmamba eeg, mmdit S, unet small
+WIDTH: common.bounds("> 0 or -1") = -1  # base width (transformer dim, first level, UNet channels); -1 the preset's
 PATCH = ""  # patch per axis, e.g. "2" or "1,8"; "" 2 for images, 1 x 8 for the timeseries image, 8 in 1D
 COND: common.choices("none", "class", "age", "caption", "class+age") = "class"  # conditioning
 # diffusion (rectified flow: x_t = (1 - t) x0 + t eps, the network predicts the velocity eps - x0)
@@ -1030,7 +1031,12 @@ def model_kwargs(config, n_classes):
     shape = input_shape(config)
     kw = {"in_channels": shape[0], "dims": len(shape) - 1}
     if config["model"] != "unet":
-        kw["patch"] = parse_patch(config["patch"], kw["dims"], config["variant"])
+        kw["patch"] = list(parse_patch(config["patch"], kw["dims"], config["variant"]))  # a list: JSON round trip
+    widths = models.MODELS[config["model"]].PRESETS.get(config["size"], {}).get("widths")
+    if config["width"] > 0 and widths:  # hdit, localmamba: WIDTH sets the first level, the others keep their ratios
+        kw["widths"] = [config["width"] * w // widths[0] for w in widths]
+    elif config["width"] > 0:
+        kw["channels" if config["model"] == "unet" else "dim"] = config["width"]
     if "class" in config["cond"]:
         kw["num_classes"] = n_classes
     if "age" in config["cond"]:
@@ -1153,7 +1159,7 @@ def power_spectra(x, config, stats):
         mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
         uv = series_z(x.float().cpu(), config).numpy() * std[:, None] + mean[:, None]
         return welch_psd(uv, config["sfreq"], min(256, config["window"]))
-    db = image_to_db(x.float().cpu(), stats["db_range"])
+    db = image_to_db(x.float().cpu().clamp(-1, 1), stats["db_range"])  # the image range, as pictures() shows it
     return log_frequencies(config["resolution"], config["sfreq"]), spectral_profile(db)
 
 
@@ -1325,14 +1331,15 @@ def score_set(name, x, ref, config, stats, present, extract, batch):
 
 def write_files(fake, config, stats, out_dir, n, fmt):
     """The first n generated series de-normalised to microvolts, written as EEG files with the channels that were
-    present in training (names and rate of the run). -> the folder."""
+    present in training (names and rate of the run), and as generated_uv.npy (n, C, W) float32. -> the folder."""
     folder = os.path.join(out_dir, "generated_eeg")
     os.makedirs(folder, exist_ok=True)
     keep = [i for i, c in enumerate(config["channels"]) if c in stats["channels_present"]]
     mean, std = np.asarray(stats["mean"])[keep], np.asarray(stats["std"])[keep]
-    for i in range(min(n, len(fake))):
-        uv = series_z(fake[i : i + 1], config)[0].numpy()[keep] * std[:, None] + mean[:, None]
-        write_eeg(os.path.join(folder, f"sample_{i:04d}.{fmt}"), uv, stats["channels_present"], config["sfreq"])
+    uv = series_z(fake[:n], config).numpy()[:, keep] * std[:, None] + mean[:, None]  # (n, C, W) microvolts
+    np.save(os.path.join(folder, "generated_uv.npy"), uv.astype(np.float32))  # the same values as float32 arrays
+    for i in range(len(uv)):
+        write_eeg(os.path.join(folder, f"sample_{i:04d}.{fmt}"), uv[i], stats["channels_present"], config["sfreq"])
     return folder
 
 

@@ -1,4 +1,4 @@
-"""The EEG data pipeline (scratch/eeg_data.py) on real recordings: the BIDS demo in tests/data/eeg_demo (two subjects
+"""The EEG data pipeline of train_eeg.py on real recordings: the BIDS demo in tests/data/eeg_demo (two subjects
 of BCI Competition II converted by tests/data/make_eeg_demo.py), pyedflib's test EDF, and small FIF files written
 here for the cases the real files cannot show (a bad sampling rate, a channel of another type, a corrupt file)."""
 
@@ -15,7 +15,7 @@ import pyedflib
 import pytest
 import scipy.signal
 
-from scratch import eeg_data
+import train_eeg as eeg_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "tests", "data", "eeg_demo")
@@ -340,7 +340,7 @@ def test_cache_reuse_and_rebuild(tmp_path, capsys):
 def test_two_processes_share_one_cache(tmp_path):
     root, cache = copy_demo(tmp_path / "bids", runs=(1, 2)), str(tmp_path / "cache")
     code = (
-        "import sys; from scratch import eeg_data; "
+        "import sys; import train_eeg as eeg_data; "
         f"w, p, m, r = eeg_data.load_eeg({root!r}, {cache!r}, {CHANNELS!r}, 125.0, 256, 0.5, 'skip'); "
         "print('SUM', float(w.sum(dtype='float64')), len(w))"
     )

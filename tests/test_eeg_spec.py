@@ -1,4 +1,4 @@
-"""scratch/eeg_spec.py (Part B of train_eeg.py) on small synthetic signals: sines plus Gaussian noise at 125 Hz.
+"""The spectral half of train_eeg.py (spectrogram images, spectral metrics, classifier, nearest neighbours, EEG files) on small synthetic signals: sines plus Gaussian noise at 125 Hz.
 
 STFT frame count and log axis; a pure sine lands in its log-frequency row (and at the image's bottom for low
 frequencies); image shapes and ranges per variant, the tiling checked exactly where no resize happens; image_to_db
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from scratch import eeg_spec
+import train_eeg as eeg_spec
 
 SFREQ = 125.0
 BANDS = {"delta": (0.5, 4), "theta": (4, 8), "alpha": (8, 13), "beta": (13, 30), "gamma": (30, 62.5)}
