@@ -9,8 +9,8 @@ capped at 0.999, condition dropout 0.1, Euler 25 steps with guidance 2.5.
     python train_eeg.py                                        # the bundled real demo (tests/data/eeg_demo), hdit
     python train_eeg.py data=/path/to/bids variant=db-iq model=hdit cond=class+age
     accelerate launch train_eeg.py data=/path/to/bids variant=timeseries model=dit size=S
-    OMP_NUM_THREADS=1 python train_eeg.py window=256 classes=health variant=db-only model=dit size=tiny \\
-        max_steps=2000 out_dir=runs/eeg_cpu             # the README's CPU check
+    OMP_NUM_THREADS=1 python train_eeg.py window=256 classes=health model=hdit size=tiny width=64 patch=4 \\
+        lr=5e-4 warmup=100 ema_start=100 batch_size=32 max_steps=3000 out_dir=runs/eeg_cpu   # the README's CPU check
     python evaluate.py runs/eeg                                # FD/KID-EffNet, PSD distance, class fidelity, EDF
 
 Data: a BIDS root (read with mne-bids) or a folder of recordings MNE reads (EDF, BDF, EEGLAB .set, BrainVision,
@@ -942,17 +942,21 @@ def images_of(x, config, spec_stats, variant, batch=256):
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def measure_spec_stats(windows_z, config):
+def measure_spec_stats(windows_z, present, config):
     """dB range (1st-99th percentile) and amplitude scale (99th percentile of |X|) of the training windows'
-    spectrograms, from at most 512 of them (a fixed subset): saved with the run, reused by evaluation."""
-    x = torch.as_tensor(np.asarray(windows_z[common.subset(len(windows_z), 512)], dtype=np.float32))
+    spectrograms, from at most 512 of them (a fixed subset) and only the channels they have: an absent channel
+    (all zeros, -180 dB) would stretch the range and squeeze the real ones into a few grey levels. Saved with the
+    run, reused by evaluation."""
+    keep = common.subset(len(windows_z), 512).numpy()
+    x = torch.as_tensor(np.asarray(windows_z[keep], dtype=np.float32))
     n_fft, hop = stft_params(config["window"], config["stft_window"])
-    spec = spectrogram(x, config["sfreq"], n_fft, hop, config["resolution"])
+    spec = spectrogram(x, config["sfreq"], n_fft, hop, config["resolution"])[torch.as_tensor(present[keep])]
+    common.check(len(spec) > 0, "the training windows have none of the target channels; check the channel names")
     lo, hi = measure_db_range(spec)
     return {"db_range": [float(lo), float(hi)], "amp_scale": float(measure_amp_scale(spec))}
 
 
-def prepare(config, data_root, stats=None):
+def prepare(config, data_root, stats=None, verbose=True):
     """Windows -> split -> z-score (statistics from the training split, or the run's `stats`) -> model space.
     -> a namespace: x (N, ...) model-space tensor, windows_z (N, 20, W), present (N, 20), meta, split (N,) str,
     class ids (N,), class names, stats {mean, std, db_range, amp_scale, split_by}, report lines."""
@@ -964,6 +968,7 @@ def prepare(config, data_root, stats=None):
         config["window"],
         config["overlap"],
         config["on_corrupt"],
+        verbose,
     )
     which, split_by = split(meta, config["split_by"], config["seed"])
     train = which == "train"
@@ -974,7 +979,7 @@ def prepare(config, data_root, stats=None):
     mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
     windows_z = ((np.asarray(windows) - mean[:, None]) / std[:, None]) * present[:, :, None]  # absent channels: 0
     if "db_range" not in stats:
-        stats.update(measure_spec_stats(windows_z[train], config))
+        stats.update(measure_spec_stats(windows_z[train], present[train], config))
     ids, names = class_ids(meta, config["classes"])
     x = to_model_space(windows_z, config, stats)
     return types.SimpleNamespace(
@@ -1056,7 +1061,7 @@ def build_model(config):
         common.die(f"cannot build model={config['model']} size={config['size']}: {e}")
 
 
-def check_shapes(config, n_classes):
+def check_shapes(config):
     """Build the network on the meta device and run one input through it, so a variant / model / patch / window
     combination that cannot work stops with one line before any data is read."""
     if config["variant"] != "timeseries":
@@ -1124,7 +1129,7 @@ def generate(model, conds, idx, seeds, config, guidance, steps):
     if config["cond"] == "none":
         fn = lambda x, t: model(x, t)
     else:
-        no_drop, all_drop = torch.zeros(len(idx), dtype=torch.bool, device=device), None
+        no_drop = torch.zeros(len(idx), dtype=torch.bool, device=device)
         all_drop = torch.ones_like(no_drop)
         c, u = make_cond(conds, idx, no_drop, config), make_cond(conds, idx, all_drop, config)
         fn = common.cfg_model(model, c, u, guidance)
@@ -1226,9 +1231,9 @@ def main(argv):
     config = common.apply_overrides(globals(), argv)
     config.update(script="train_eeg", size=SIZE or _DEFAULT_SIZE[MODEL], data=DATA or _DEMO)
     config["model_kw"] = model_kwargs(config, 4)  # the class count is known after reading; 4 checks the shapes
-    check_shapes(config, 4)
+    check_shapes(config)
     run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
-    data = prepare(config, config["data"])  # one process builds the cache, the others wait for it
+    data = prepare(config, config["data"], verbose=run.is_main)  # one process builds the cache, the others wait
     train = np.flatnonzero(data.split == "train")
     config.update(stats=data.stats, class_names=data.names, channels=list(_TARGET_CHANNELS))
     config["model_kw"] = model_kwargs(config, len(data.names))
@@ -1239,6 +1244,12 @@ def main(argv):
     ema = common.EMA(raw)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     counts = {s: int((data.split == s).sum()) for s in ("train", "val", "test")}
+    if run.is_main and not (counts["val"] and counts["test"]):
+        print(
+            f"warning: split by {data.stats['split_by']} leaves val {counts['val']} / test {counts['test']} windows "
+            "(too few subjects or recordings): nothing is held out to evaluate on; add data or choose split_by=",
+            file=sys.stderr,
+        )
     describe = (
         f"EEG {config['data']}: {len(data.meta)} windows of {WINDOW} at {SFREQ:g} Hz from "
         f"{data.meta['subject'].nunique()} subjects, split by {data.stats['split_by']} {counts}; {VARIANT} "

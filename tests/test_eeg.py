@@ -42,7 +42,9 @@ def run(args, cwd=ROOT, env=None, timeout=600):
 
 def base_config(**overrides):
     config = {k.lower(): v for k, v in vars(train_eeg).items() if k.isupper() and not k.startswith("_")}
-    config.update(size="tiny", window=128, resolution=16, data=train_eeg._DEMO, model="dit", cond="class", classes="health")
+    config.update(
+        size="tiny", window=128, resolution=16, data=train_eeg._DEMO, model="dit", cond="class", classes="health"
+    )
     config.update(overrides)
     return config
 
