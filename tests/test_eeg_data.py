@@ -58,7 +58,7 @@ def plain_dataset(root, rows, recordings):
 
 
 def load(root, cache, window=256, on_corrupt="skip"):
-    """load_eeg with the contract's settings: the 20 channels at 125 Hz, windows overlapping by half."""
+    """load_eeg with the recipe's settings: the 20 channels at 125 Hz, windows overlapping by half."""
     return eeg_data.load_eeg(root, str(cache), CHANNELS, 125.0, window, 0.5, on_corrupt)
 
 

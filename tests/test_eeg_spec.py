@@ -1,4 +1,5 @@
-"""The spectral half of train_eeg.py (spectrogram images, spectral metrics, classifier, nearest neighbours, EEG files) on small synthetic signals: sines plus Gaussian noise at 125 Hz.
+"""The spectral half of train_eeg.py (spectrogram images, spectral metrics, classifier, nearest neighbours, EEG
+files) on small synthetic signals: sines plus Gaussian noise at 125 Hz.
 
 STFT frame count and log axis; a pure sine lands in its log-frequency row (and at the image's bottom for low
 frequencies); image shapes and ranges per variant, the tiling checked exactly where no resize happens; image_to_db
