@@ -20,6 +20,7 @@ import common
 import models
 import train_arc
 import train_eeg
+import train_mri
 import train_stl10
 
 GENERIC = {  # options of every checkpoint
@@ -29,6 +30,7 @@ GENERIC = {  # options of every checkpoint
 DOMAINS = {  # config["script"] -> the train script whose EVAL options and evaluate() score its checkpoints
     "train_arc": train_arc,
     "train_eeg": train_eeg,
+    "train_mri": train_mri,
     "train_stl10": train_stl10,
 }
 

@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 
 try:  # the fused CUDA selective scan (Gu & Dao 2023); optional, LocalMamba uses it on CUDA tensors when importable
@@ -444,6 +445,8 @@ class UNet(nn.Module):
         "small": dict(channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=2, attn_levels=(False, False, True, True)),
         "base": dict(channels=128, channel_mult=(1, 2, 2, 4), num_res_blocks=2, attn_levels=(False, False, True, True)),
         "large": dict(channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(False, True, True, True)),
+        # the brain-MRI project's 2D default: channels 128 / 256 / 256, attention at the two coarser levels
+        "mri": dict(channels=128, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(False, True, True)),
     }
 
     def __init__(
@@ -463,8 +466,10 @@ class UNet(nn.Module):
         vector_dim=0,
         context_dim=0,
         concat_channels=0,
+        checkpointing=False,
     ):
         super().__init__()
+        self.checkpointing = checkpointing  # recompute each block in backward: less memory, ~30% more time (3D)
         if len(attn_levels) != len(channel_mult):
             raise ValueError(f"attn_levels {attn_levels} needs one entry per level of channel_mult {channel_mult}")
         self.dims, self.levels = dims, len(channel_mult)
@@ -501,6 +506,11 @@ class UNet(nn.Module):
         self.conv_out = zero_module(conv_nd(dims, c, out_channels or in_channels, 3, padding=1))
 
     def _run(self, layers, h, emb, context, mask):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._run_layers, layers, h, emb, context, mask, use_reentrant=False)
+        return self._run_layers(layers, h, emb, context, mask)
+
+    def _run_layers(self, layers, h, emb, context, mask):
         for layer in layers:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
