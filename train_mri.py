@@ -975,9 +975,10 @@ def montage(volume, n=16, value_range=None):
 
 
 def mode_files(mode):
-    """The modalities read for `mode`: the generated ones, then seg when the mode is conditioned on the mask."""
+    """The modalities read for `mode`: the generated ones, then seg when the mode is conditioned on the mask; mask
+    modes also read bravo, only to keep the slices that hold brain."""
     generated, masked = _MODALITIES[mode]
-    return generated + (("seg",) if masked else ())
+    return generated + (("seg",) if masked else ("bravo",) if generated == ("seg",) else ())
 
 
 def spatial_shape(config):

@@ -1,4 +1,4 @@
-"""The MRI data pipeline (scratch/mri_data.py): the synthetic demo study, reading, scaling, slicing, cropping,
+"""The MRI data pipeline of train_mri.py: the synthetic demo study, reading, scaling, slicing, cropping,
 splits, bad inputs and the cache. Fast: the demo study is 4 subjects at 4 mm."""
 
 import gzip
@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scratch import mri_data
+import train_mri as mri_data
 
 MODALITIES = ("bravo", "t1_pre", "t1_gd", "flair", "seg")
 

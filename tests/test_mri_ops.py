@@ -1,4 +1,4 @@
-"""Tests of scratch/mri_ops.py: exact space inverses, Haar properties, ScoreAug, RANO-BM components, region errors,
+"""train_mri.py exact space inverses, Haar properties, ScoreAug, RANO-BM components, region errors,
 PSNR / SSIM / MS-SSIM against pytorch_msssim, NIfTI round trips and montages."""
 
 import math
@@ -9,7 +9,7 @@ import pytest
 import pytorch_msssim
 import torch
 
-from scratch import mri_ops
+import train_mri as mri_ops
 
 
 def _rand(*shape, seed=0):
