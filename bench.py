@@ -4,6 +4,7 @@
     python bench.py arc          # ARC training examples/s and peak memory per preset
     python bench.py models       # image backbones: train / sample samples/s and peak memory
     python bench.py scaling      # HDiT, LocalMamba and DiT step time and memory against the number of tokens
+    python bench.py mri          # brain-MRI UNet 2D / 3D beside MONAI; 3D checkpointing and s2d / wavelet memory
 
 Each prints a table and writes bench_<name>.json (key out_dir=... to choose the folder);
 `python bench.py NAME --help` lists that benchmark's options.
@@ -455,11 +456,152 @@ def bench_scaling(argv):
     write_result(path, {"batch": batch, "device": device, **opts, "rows": rows, "exponents": summary})
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# mri
+# ----------------------------------------------------------------------------------------------------------------
+
+MRI_BENCH = {  # key=value overrides of `python bench.py mri`
+    "IMAGE_SIZE": -1,  # 2D slice side in pixels; -1: 128 (the reference) on GPU, 64 on CPU
+    "BATCH_2D": -1,  # slices per training step; -1: 16 on GPU (the reference), 2 on CPU
+    "VOLUME": (-1,),  # 3D [D, H, W] voxels; (-1,): 160 x 256 x 256 (the reference) on GPU, 16 x 32 x 32 on CPU
+    "BATCH_3D": 1,  # volumes per training step
+    "ITERS": -1,  # timed training steps per case (after one warm-up); -1: 3 on GPU, 1 on CPU (seconds a step)
+    "CASES": (  # which rows to run (MRI_CASES)
+        "unet_2d",
+        "monai_2d",
+        "unet_3d",
+        "unet_3d_ckpt",
+        "unet_3d_s2d",
+        "unet_3d_s2d_ckpt",
+        "monai_3d",
+    ),
+    "OUT_DIR": ".",  # where bench_mri.json goes
+}
+MRI_CASES = {  # name -> (network, dims, space, gradient checkpointing); input: one image channel + its tumour mask
+    "unet_2d": ("unet", 2, "pixel", False),
+    "monai_2d": ("monai", 2, "pixel", False),
+    "unet_3d": ("unet", 3, "pixel", False),
+    "unet_3d_ckpt": ("unet", 3, "pixel", True),
+    "unet_3d_s2d": ("unet", 3, "s2d", False),  # also stands for wavelet: the same shapes (see bench_mri)
+    "unet_3d_s2d_ckpt": ("unet", 3, "s2d", True),
+    "monai_3d": ("monai", 3, "pixel", False),
+}
+
+
+def monai_reference(dims):
+    """MONAI's DiffusionModelUNet at the channels of our unet mri preset (128 / 256 / 256, attention at the two
+    coarser levels, one ResBlock a level, GroupNorm 8, 8 heads of 32 at 256 channels, PyTorch's
+    scaled_dot_product_attention as ours), image and mask concatenated at the input, wrapped to our call
+    model(x, t, cond); (None, reason) without monai."""
+    try:
+        from monai.networks.nets import DiffusionModelUNet
+    except ImportError as e:
+        return None, f"monai is not importable ({e}); pip install --no-deps monai (a bench-only dependency)"
+    net = DiffusionModelUNet(
+        spatial_dims=dims,
+        in_channels=2,
+        out_channels=1,
+        channels=(128, 256, 256),
+        attention_levels=(False, True, True),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        num_head_channels=32,
+        use_flash_attention=True,  # its default (False) stores the L x L attention matrix; ours never does
+    )
+    return (lambda x, t, cond: net(torch.cat([x, cond["concat"]], 1), t * 1000)), net
+
+
+def _mri_one(args):
+    """One MRI case in a fresh process: training step time (forward, backward, AdamW) and peak memory."""
+    name, batch, side, iters = args
+    kind, dims, space, checkpointing = MRI_CASES[name]
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = memory_baseline(dev)
+    factor = 1 if space == "pixel" else 2**dims  # s2d / wavelet: 2^dims channels at half the side
+    shape = (batch, factor, *(side if space == "pixel" else [s // 2 for s in side]))  # (B, C, *spatial)
+    if kind == "unet":
+        kw = {"dims": dims, "in_channels": factor, "concat_channels": factor, "checkpointing": checkpointing}
+        net = fn = models.make_model("unet", "mri", **kw)
+    else:
+        fn, net = monai_reference(dims)
+        if fn is None:
+            return {"case": name, "skipped": net}
+    net.to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x, t = torch.randn(shape, device=dev), torch.rand(batch, device=dev)
+    cond = {"concat": (torch.rand(shape, device=dev) < 0.05).float()}
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+    def train_step():
+        with autocast:
+            loss = (fn(x, t, cond).float() - x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    row = {
+        "case": name,
+        "input": [batch, 2 * factor, *shape[2:]],
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+    }
+    try:
+        step_s = seconds_per_call(train_step, iters, dev)
+    except torch.OutOfMemoryError:
+        return {**row, "skipped": "out of memory"}
+    return {**row, "step_ms": 1000 * step_s, "peak_mem_mib": common.peak_memory_mb(dev) - base}
+
+
+def bench_mri(argv):
+    """The brain-MRI UNet (unet mri: 128 / 256 / 256, attention at the two coarser levels) beside MONAI's
+    DiffusionModelUNet at matched channels, 2D slices and 3D volumes, one image channel + the tumour mask as
+    input: training step time (forward, backward, AdamW; bf16 autocast on GPU) and peak memory (CUDA allocated, or
+    on CPU the growth of the process's peak RSS), each case in a fresh process. On 3D volumes also gradient
+    checkpointing on / off and the s2d space: 2 x 2 x 2 space-to-depth, 8 channels at half the side. The wavelet
+    space feeds the network exactly the same shapes (one Haar level: 8 sub-bands at half the side), so the s2d rows
+    stand for it too; the transform itself (a reshape, or an 8 x 8 matrix over each block) is left out."""
+    opts = common.apply_overrides(dict(MRI_BENCH, __doc__=bench_mri.__doc__), argv)
+    gpu = torch.cuda.is_available()
+    for key in ("batch_2d", "image_size", "iters"):
+        common.check(opts[key] > 0 or opts[key] == -1, f"{key}={opts[key]}: give a positive number or -1")
+    common.check(opts["batch_3d"] > 0, f"batch_3d={opts['batch_3d']}: give a positive number")
+    unknown = [c for c in opts["cases"] if c not in MRI_CASES]
+    if unknown:
+        common.die(f"cases={unknown}: choose from {', '.join(MRI_CASES)}")
+    side_2d = opts["image_size"] if opts["image_size"] > 0 else (128 if gpu else 64)
+    volume = opts["volume"] if opts["volume"] != (-1,) else ((160, 256, 256) if gpu else (16, 32, 32))
+    common.check(side_2d % 4 == 0, f"image_size={side_2d}: give a multiple of 4 (two 2x downsamplings)")
+    ok = len(volume) == 3 and all(s > 0 and s % 8 == 0 for s in volume)
+    common.check(
+        ok, f"volume={volume}: give [D, H, W], each a positive multiple of 8 (s2d halves, then 2 downsamplings)"
+    )
+    batch_2d = opts["batch_2d"] if opts["batch_2d"] > 0 else (16 if gpu else 2)
+    iters = opts["iters"] if opts["iters"] > 0 else (3 if gpu else 1)
+    path = result_path(opts["out_dir"], "mri")
+    device = device_name()
+    shape_3d = "x".join(map(str, volume))
+    print(f"mri: 2D {side_2d}x{side_2d} batch {batch_2d}, 3D {shape_3d} batch {opts['batch_3d']}, {device}")
+    header = f"{'case':<18}{'input (B x C x ...)':>22}{'params (M)':>12}{'step ms':>10}{'peak MiB':>10}"
+    print(header + f"\n{'-' * len(header)}", flush=True)
+    rows = []
+    for name in opts["cases"]:
+        batch, side = (batch_2d, (side_2d,) * 2) if MRI_CASES[name][1] == 2 else (opts["batch_3d"], volume)
+        rows.append(in_fresh_process(_mri_one, (name, batch, side, iters)))
+        r = rows[-1]
+        if "skipped" in r and "input" not in r:
+            print(f"{name:<18}  skipped: {r['skipped']}", flush=True)
+            continue
+        what = f"  skipped: {r['skipped']}" if "skipped" in r else f"{r['step_ms']:>10.0f}{r['peak_mem_mib']:>10.0f}"
+        print(f"{name:<18}{'x'.join(map(str, r['input'])):>22}{r['params_m']:>12.1f}{what}", flush=True)
+    resolved = {"image_size": side_2d, "batch_2d": batch_2d, "volume": volume, "iters": iters}
+    write_result(path, {"device": device, **opts, **resolved, "rows": rows})
+
+
 BENCHES = {  # name -> (function(argv), its options, the name of that dict in this file)
     "samplers": (bench_samplers, SAMPLER_BENCH, "SAMPLER_BENCH"),
     "arc": (bench_arc, ARC_BENCH, "ARC_BENCH"),
     "models": (bench_models, MODEL_BENCH, "MODEL_BENCH"),
     "scaling": (bench_scaling, SCALING_BENCH, "SCALING_BENCH"),
+    "mri": (bench_mri, MRI_BENCH, "MRI_BENCH"),
 }
 
 
