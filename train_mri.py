@@ -1071,6 +1071,9 @@ def check_shapes(config):
         common.check(
             1000 % config["sample_steps"] == 0, f"sample_steps={config['sample_steps']} must divide 1000 (ddpm)"
         )
+    common.check(
+        len(config["crop"]) == 3, f"crop={tuple(config['crop'])}: give three sizes (D, H, W), e.g. crop=(64,96,96)"
+    )
     shape = spatial_shape(config)
     factor, down = space_factor(config)
     common.check(all(s % down == 0 for s in shape), f"space={config['space']} halves every side: {shape} must be even")
