@@ -64,13 +64,20 @@ def lowers_the_loss(study, steps=30, **overrides):
     assert np.isfinite(after) and after < 0.95 * before, f"{overrides}: loss {before:.4f} -> {after:.4f}"
 
 
-@pytest.mark.parametrize("strategy", ["rflow", "ddpm"])
-@pytest.mark.parametrize("mode", ["bravo", "dual", "seg", "seg_sized"])
+QUICK = {("bravo", "rflow"), ("seg_sized", "ddpm")}  # the default run; the other six run with -m slow
+MODES = [
+    pytest.param(mode, strategy, marks=() if (mode, strategy) in QUICK else pytest.mark.slow)
+    for mode in ("bravo", "dual", "seg", "seg_sized")
+    for strategy in ("rflow", "ddpm")
+]
+
+
+@pytest.mark.parametrize("mode,strategy", MODES)
 def test_every_mode_and_strategy_lowers_the_loss(study, mode, strategy):
     lowers_the_loss(study, mode=mode, strategy=strategy)
 
 
-@pytest.mark.parametrize("space", ["s2d", "wavelet"])
+@pytest.mark.parametrize("space", ["s2d", pytest.param("wavelet", marks=pytest.mark.slow)])
 def test_spaces_and_score_aug_lower_the_loss(study, space):
     lowers_the_loss(study, space=space, score_aug=space == "s2d")
 
@@ -79,8 +86,16 @@ def test_3d_lowers_the_loss(study):
     lowers_the_loss(study, dims=3, crop=(8, 16, 16), steps=20)
 
 
-@pytest.mark.parametrize("model", ["dit", "uvit", "hdit"])
-@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize(
+    "model,dims",
+    [
+        ("hdit", 3),
+        *[
+            pytest.param(m, d, marks=pytest.mark.slow)
+            for m, d in [("dit", 2), ("dit", 3), ("uvit", 2), ("uvit", 3), ("hdit", 2)]
+        ],
+    ],
+)
 def test_transformer_backbones_in_2d_and_3d(study, model, dims):
     config = base_config(study, model=model, dims=dims, patch=4)
     train_mri.check_shapes(config)
