@@ -31,7 +31,7 @@ QUICK = {
     ("db-iq", "hdit"),
     ("db-polar", "localmamba"),
     ("timeseries", "mmdit"),
-    ("timeseries", "unet"),
+    ("db-only", "unet"),
 }
 
 
