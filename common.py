@@ -1119,6 +1119,11 @@ def start(run, model, ema_model, optimizer, config, resume, init_from, compile_m
     return model, optimizer, step
 
 
+def seeded_noise(seeds, shape, device):
+    """One standard normal tensor per seed, stacked: sample i depends only on seeds[i]."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
 def step_generator(run, seed, step, micro):
     """Seed the run's generator (noise, t, augmentation) and torch's global RNG (dropout) from (seed, step, rank,
     micro-batch): every step's randomness is a function of these alone, so a resumed run draws what a straight run

@@ -1113,18 +1113,13 @@ def training_loss(model, x0, idx, conds, config, schedule, gen):
     return per_sample.mean(), per_sample, t
 
 
-def seeded_noise(seeds, shape, device):
-    """One standard normal tensor per seed, stacked: sample i depends only on seeds[i]."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-
-
 @torch.no_grad()
 def generate(model, conds, idx, seeds, config, guidance, steps):
     """Euler on the probability-flow ODE (the rectified-flow sampler), `steps` steps, guidance at `guidance`, for
     the conditions of windows `idx` (B,) and noise seeded per sample by `seeds` -> (B, ...) on the model's device."""
     device = next(model.parameters()).device
     schedule = common.Schedule("flow")
-    noise = seeded_noise(seeds, input_shape(config), device)
+    noise = common.seeded_noise(seeds, input_shape(config), device)
     idx = torch.as_tensor(idx, device=device)
     if config["cond"] == "none":
         fn = lambda x, t: model(x, t)
@@ -1388,7 +1383,9 @@ def evaluate(model, config, opts, out_dir):
     ref["psd"] = power_spectra(data.x[held], config, data.stats)[1]
     sets = {"samples": fake}
     if opts["baselines"]:
-        sets["noise"] = seeded_noise(range(10**6, 10**6 + n), fake.shape[1:], "cpu")  # the Gaussian-noise baseline
+        sets["noise"] = common.seeded_noise(
+            range(10**6, 10**6 + n), fake.shape[1:], "cpu"
+        )  # the Gaussian-noise baseline
         sets["train"] = data.x[train[common.subset(len(train), n).numpy()]]  # real training windows: the floor
     for name, x in sets.items():
         result.update(score_set(name, x, ref, config, data.stats, present, extract, opts["batch"]))

@@ -1163,11 +1163,6 @@ def augment(z_t, target, mask, drop, config, gen):
     return z_t, target, mask, omega
 
 
-def seeded_noise(seeds, shape, device):
-    """One standard normal tensor per seed, stacked: sample i depends only on seeds[i]."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-
-
 @torch.no_grad()
 def generate(model, mask, vector, seeds, config, guidance, steps, callback=None):
     """Samples in pixel space [B, n_gen, *spatial] in [-1, 1] for the masks / vectors given (B rows): DDIM (ddpm)
@@ -1176,7 +1171,7 @@ def generate(model, mask, vector, seeds, config, guidance, steps, callback=None)
     schedule, prediction, r = strategy(config)
     n_gen, (factor, down) = len(_MODALITIES[config["mode"]][0]), space_factor(config)
     shape = (n_gen * factor, *[s // down for s in spatial_shape(config)])
-    noise = seeded_noise(seeds, shape, device)
+    noise = common.seeded_noise(seeds, shape, device)
     B = len(noise)
     drop = torch.zeros(B, dtype=torch.bool, device=device)
     cond = make_cond(mask, vector, drop, config, torch.zeros(B, _OMEGA, device=device) if config["score_aug"] else None)

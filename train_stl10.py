@@ -316,11 +316,6 @@ def training_loss(model, x0, labels, config, table, schedule, gen):
     return per_sample.mean(), per_sample, t
 
 
-def seeded_noise(seeds, shape, device):
-    """One standard normal tensor per seed, stacked: sample i depends only on seeds[i]."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-
-
 @torch.no_grad()
 def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, out_dir, step, names):
     """Class grid, denoising collage, reconstruction sweep and embedding projection, from EMA weights, fixed seeds."""
@@ -329,7 +324,7 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
     rows = list(range(k)) + [k] if config["cond"] != "none" else [k] * 4  # each class, then unconditional
     cols = config["grid_cols"]
     labels = torch.tensor([r for r in rows for _ in range(cols)], device=dev)
-    noise = seeded_noise(range(len(labels)), (3, size, size), dev)  # seed per cell
+    noise = common.seeded_noise(range(len(labels)), (3, size, size), dev)  # seed per cell
     denoise = guided_denoiser(ema_model, labels, config, table, config["guidance"], schedule)
     trajectory, marks = [], set(np.linspace(0, config["sample_steps"] - 1, 6).round().astype(int).tolist())
     keep = lambda i, t, x, x0: trajectory.append(x0[::cols][: min(len(rows), 6)]) if i in marks else None
@@ -341,7 +336,9 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
     sweep = [fixed_images]  # reconstruction from x_t at several t: rows original, then t = 0.2 .. 1.0
     for t_max in (0.2, 0.4, 0.6, 0.8, 1.0):
         t = torch.full((len(fixed_images),), t_max, device=dev)
-        x_t = common.add_noise(fixed_images, seeded_noise(range(len(t)), fixed_images.shape[1:], dev), t, schedule)
+        x_t = common.add_noise(
+            fixed_images, common.seeded_noise(range(len(t)), fixed_images.shape[1:], dev), t, schedule
+        )
         den = guided_denoiser(ema_model, fixed_labels, config, table, config["guidance"], schedule)
         steps = max(1, round(config["sample_steps"] * t_max))
         sweep.append(common.sample("ddim", den, x_t, steps, schedule, t_max=t_max))
@@ -492,7 +489,7 @@ def sample_images(model, config, n, guidance, sampler, steps, batch, schedule, t
     out = []
     for start in common.progress_bar(range(0, n, batch), desc="sampling"):
         idx = torch.arange(start, min(n, start + batch))
-        noise = seeded_noise(idx.tolist(), (3, size, size), device)
+        noise = common.seeded_noise(idx.tolist(), (3, size, size), device)
         denoise = guided_denoiser(model, (idx % k).to(device), config, table, guidance, schedule)
         gen = torch.Generator(device=device).manual_seed(start)
         out.append(common.sample(sampler, denoise, noise, steps, schedule, generator=gen).clamp(-1, 1).cpu())
