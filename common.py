@@ -839,9 +839,11 @@ def _rotate(out_dir, keep, protect):
             shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
 
 
-def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=None, keep=3, protect=()):
+def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=None, keep=3, protect=(), attached=None):
     """Write OUT_DIR/step_{step:07d}, point OUT_DIR/latest at it, keep the `keep` most recently written folders
-    (and every folder named in `protect`, e.g. the one a run resumed from).
+    (and every folder named in `protect`, e.g. the one a run resumed from). `extra` (tensors, numbers, dicts: e.g. a
+    discriminator and its optimizer) goes into train_state.pt; `attached` {name: state_dict} are further weight files
+    name.safetensors that travel with the checkpoint (e.g. the autoencoder of a latent diffusion run).
 
     Everything goes to a temporary folder first and is renamed into place with os.replace, then `latest` is
     replaced the same way, so a run that dies mid-write leaves the last good checkpoint as `latest`. Re-saving an
@@ -854,6 +856,8 @@ def save_checkpoint(out_dir, step, model, ema_model, optimizer, config, extra=No
     weights = {"model": _state_dict(model)}
     if ema_model is not None:
         weights["ema"] = _state_dict(ema_model)
+    for which, tensors in (attached or {}).items():
+        weights[which] = {k: v.detach().contiguous() for k, v in tensors.items()}
     state = {"step": step, "rng": rng_state(), "extra": extra or {}}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
@@ -1048,6 +1052,7 @@ def setup_run(out_dir, mixed_precision, batch_size, grad_accum, max_steps):
         logger=None,
         bar=None,
         resumed_from=None,
+        resumed_state={},  # train_state.pt of the checkpoint resumed from (step, rng, extra)
         last_ckpt=None,
         last_ckpt_step=None,
         t0=time.time(),
@@ -1066,7 +1071,8 @@ def seed_everything(seed):
 def _same_model(ckpt, config):
     """Stop when the checkpoint was written for another network than `config` describes."""
     stored = load_config(ckpt)
-    for key in ("script", "model", "size", "model_kw", "task_ids"):  # task_ids: what ARC's task embedding rows mean
+    # task_ids: what ARC's task embedding rows mean; latent_id: the autoencoder whose latent space a run lives in
+    for key in ("script", "model", "size", "model_kw", "task_ids", "latent_id"):
         if key in config and stored.get(key) != config[key]:
             was, now = (
                 repr(v) if len(repr(v)) < 160 else repr(v)[:150] + " ...]" for v in (stored.get(key), config[key])
@@ -1087,7 +1093,8 @@ def start(run, model, ema_model, optimizer, config, resume, init_from, compile_m
     step, ckpt, origin = 0, resolve_resume(run.out_dir, resume), ""
     if ckpt:
         _same_model(ckpt, config)
-        step = load_checkpoint(ckpt, model, ema_model, optimizer)["step"]
+        run.resumed_state = load_checkpoint(ckpt, model, ema_model, optimizer)
+        step = run.resumed_state["step"]
         run.resumed_from, run.last_ckpt, run.last_ckpt_step, origin = ckpt, ckpt, step, f", resumed from {ckpt}"
     elif init_from:
         init = resolve_checkpoint(init_from)
@@ -1209,23 +1216,25 @@ def log_step(run, step, log_every, optimizer, grad_norm, **extra):
     run.t0, run.n0 = time.time(), step
 
 
-def checkpoint(run, step, model, ema_model, optimizer, config, keep):
+def checkpoint(run, step, model, ema_model, optimizer, config, keep, extra=None, attached=None):
     """Check for divergence, then write a checkpoint (main process; never deleting the one the run resumed from)
-    and the loss plot; every process waits for it."""
+    and the loss plot; every process waits for it. `extra` and `attached` as in save_checkpoint."""
     check_finite(run)
     if run.is_main:
         protect = [run.resumed_from] if run.resumed_from else []
-        save_checkpoint(run.out_dir, step, model, ema_model, optimizer, config, keep=keep, protect=protect)
+        save_checkpoint(
+            run.out_dir, step, model, ema_model, optimizer, config, extra, keep, protect=protect, attached=attached
+        )
         plot_loss(os.path.join(run.out_dir, "log.jsonl"), os.path.join(run.out_dir, "loss.png"))
     run.accelerator.wait_for_everyone()
     run.last_ckpt, run.last_ckpt_step = os.path.join(run.out_dir, f"step_{step:07d}"), step
 
 
-def finish(run, step, model, ema_model, optimizer, config, keep):
+def finish(run, step, model, ema_model, optimizer, config, keep, extra=None, attached=None):
     """The final checkpoint when the loop did not just write one (max_steps=0 keeps the untrained weights, a
     baseline for evaluate.py), then close the bar and the trackers."""
     if run.last_ckpt_step != step:
-        checkpoint(run, step, model, ema_model, optimizer, config, keep)
+        checkpoint(run, step, model, ema_model, optimizer, config, keep, extra, attached)
     run.bar.close()
     run.accelerator.end_training()
     _settle(run)

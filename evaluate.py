@@ -22,6 +22,7 @@ import train_arc
 import train_eeg
 import train_mri
 import train_stl10
+import train_vae
 
 GENERIC = {  # options of every checkpoint
     "WEIGHTS": "ema",  # ema | model: the EMA weights or the raw ones
@@ -32,6 +33,7 @@ DOMAINS = {  # config["script"] -> the train script whose EVAL options and evalu
     "train_eeg": train_eeg,
     "train_mri": train_mri,
     "train_stl10": train_stl10,
+    "train_vae": train_vae,
 }
 
 
@@ -79,6 +81,7 @@ def main(argv):
     if opts["weights"] not in ("ema", "model"):
         common.die(f"weights={opts['weights']!r}: choose ema or model")
     model = rebuild(ckpt_dir, config, opts["weights"])
+    opts["checkpoint"] = ckpt_dir  # where a latent run's autoencoder.safetensors lies
     out_dir = opts["out"] or ckpt_dir
     os.makedirs(out_dir, exist_ok=True)
     result, files = module.evaluate(model, config, opts, out_dir)

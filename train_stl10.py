@@ -14,6 +14,7 @@ the other backbones read the sentence embedding as one cross-attention token. Th
     OMP_NUM_THREADS=1 python train_stl10.py size=tiny image_size=32 batch_size=16 grad_accum=1 max_steps=300 \\
         sample_every=100 ckpt_every=100 out_dir=runs/stl10_cpu   # a quick CPU check
     python evaluate.py runs/stl10 n_samples=5000            # FD-EffNet / KID-EffNet against the test split
+    python train_stl10.py latent=runs/vae                   # latent diffusion in a train_vae.py autoencoder's space
 
 Data: the official binary release in DATA_DIR/stl10_binary (train_X.bin, train_y.bin, test_*, unlabeled_X.bin,
 class_names.txt), downloaded and checked when missing and online. Expected: samples recognisable as their class
@@ -39,6 +40,7 @@ DOWNLOAD = True  # fetch the official archive when DATA_DIR/stl10_binary does no
 UNLABELED = False  # also train on the 100,000 unlabelled images, with the null class
 IMAGE_SIZE: common.bounds("8..96") = 96  # pixels; below 96 the images are area-downsampled (quick CPU runs)
 HFLIP = True  # random horizontal flips
+LATENT = ""  # "" pixel space | a train_vae.py run (data=stl10): diffuse in its latent space (encoded once, cached)
 # model
 MODEL: common.choices("unet", "dit", "uvit", "hdit", "localmamba", "mmdit") = "unet"  # backbone
 SIZE = ""  # preset in models.py; "" per backbone: unet small, dit S, uvit small, hdit eeg, localmamba eeg, mmdit S
@@ -197,7 +199,7 @@ def text_table(names, prompt, device):
 def model_kwargs(config, n_classes):
     """Everything models.make_model needs beyond name and preset, from the resolved config (stored with every
     checkpoint, so evaluate.py rebuilds the network from it alone)."""
-    kw = {"in_channels": 3}
+    kw = {"in_channels": config["sample_shape"][0]}
     if config["cond"] == "class":
         kw["num_classes"] = n_classes
     elif config["cond"] == "text":
@@ -218,7 +220,7 @@ def model_kwargs(config, n_classes):
         if config["width"] > 0:
             kw["dim"] = config["width"]
     if config["model"] == "uvit":
-        kw["input_size"] = config["image_size"]
+        kw["input_size"] = config["sample_shape"][-1]
     return kw
 
 
@@ -243,7 +245,7 @@ def check_shapes(config):
         "fall between the times the model was trained on; choose a divisor (e.g. 50 or 100 for 500)",
     )
     with torch.device("meta"):
-        model, size = build_model(config), config["image_size"]
+        model, shape = build_model(config), config["sample_shape"]
         common.check_fits(sum(p.numel() for p in model.parameters()), f"model={config['model']} size={config['size']}")
         labels = torch.zeros(1, dtype=torch.long)
         table = None  # a stand-in for text_table's output: 8 tokens per caption
@@ -251,9 +253,10 @@ def check_shapes(config):
             table = {"pooled": torch.zeros(_N_CLASSES, 384), "tokens": torch.zeros(_N_CLASSES, 8, 384)}
             table["mask"] = torch.ones(_N_CLASSES, 8, dtype=torch.bool)
         try:
-            model(torch.zeros(1, 3, size, size), torch.zeros(1), cond=make_cond(labels, config, table))
+            model(torch.zeros(1, *shape), torch.zeros(1), cond=make_cond(labels, config, table))
         except (ValueError, RuntimeError) as e:
-            common.die(f"model={config['model']} cannot take image_size={size}: {common.error_detail(e)}")
+            what = f"image_size={config['image_size']}" + (f" (latent {tuple(shape)})" if config["latent"] else "")
+            common.die(f"model={config['model']} cannot take {what}: {common.error_detail(e)}")
 
 
 def make_cond(labels, config, table):
@@ -317,21 +320,25 @@ def training_loss(model, x0, labels, config, table, schedule, gen):
 
 
 @torch.no_grad()
-def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, out_dir, step, names):
-    """Class grid, denoising collage, reconstruction sweep and embedding projection, from EMA weights, fixed seeds."""
-    dev, k, size = fixed_images.device, config["n_classes"], config["image_size"]
+def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, out_dir, step, names, ae=None):
+    """Class grid, denoising collage, reconstruction sweep and embedding projection, from EMA weights, fixed seeds.
+    In a latent run `fixed_images` are latents and every picture is decoded by the autoencoder `ae`."""
+    dev, k = fixed_images.device, config["n_classes"]
+    pixels = lambda z: to_pixels(z, ae, config)
     prefix = os.path.join(out_dir, "samples", f"step_{step:07d}")
     rows = list(range(k)) + [k] if config["cond"] != "none" else [k] * 4  # each class, then unconditional
     cols = config["grid_cols"]
     labels = torch.tensor([r for r in rows for _ in range(cols)], device=dev)
-    noise = common.seeded_noise(range(len(labels)), (3, size, size), dev)  # seed per cell
+    noise = common.seeded_noise(range(len(labels)), config["sample_shape"], dev)  # seed per cell
     denoise = guided_denoiser(ema_model, labels, config, table, config["guidance"], schedule)
     trajectory, marks = [], set(np.linspace(0, config["sample_steps"] - 1, 6).round().astype(int).tolist())
     keep = lambda i, t, x, x0: trajectory.append(x0[::cols][: min(len(rows), 6)]) if i in marks else None
     gen = torch.Generator(device=dev).manual_seed(config["seed"])
     x = common.sample(config["sampler"], denoise, noise, config["sample_steps"], schedule, generator=gen, callback=keep)
-    common.save_image_grid(x, prefix + "_grid.png", nrow=cols)
-    collage = torch.stack(trajectory + [x[::cols][: min(len(rows), 6)]], dim=1)  # (rows, time, C, H, W)
+    common.save_image_grid(pixels(x), prefix + "_grid.png", nrow=cols)
+    collage = torch.stack(
+        [pixels(v) for v in trajectory + [x[::cols][: min(len(rows), 6)]]], dim=1
+    )  # (rows, time, C, H, W)
     common.save_image_grid(collage.flatten(0, 1), prefix + "_collage.png", nrow=collage.shape[1])
     sweep = [fixed_images]  # reconstruction from x_t at several t: rows original, then t = 0.2 .. 1.0
     for t_max in (0.2, 0.4, 0.6, 0.8, 1.0):
@@ -342,7 +349,7 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
         den = guided_denoiser(ema_model, fixed_labels, config, table, config["guidance"], schedule)
         steps = max(1, round(config["sample_steps"] * t_max))
         sweep.append(common.sample("ddim", den, x_t, steps, schedule, t_max=t_max))
-    common.save_image_grid(torch.cat(sweep), prefix + "_recon.png", nrow=len(fixed_images))
+    common.save_image_grid(torch.cat([pixels(v) for v in sweep]), prefix + "_recon.png", nrow=len(fixed_images))
     common.plot_bins(os.path.join(out_dir, "log.jsonl"), prefix + "_loss_bins.png", "loss_bins", "training loss")
     if config["cond"] == "class":
         plot_projection(
@@ -351,6 +358,15 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
     elif config["cond"] == "text":
         plot_projection(table["pooled"], names, prefix + "_embeddings.png", f'text embedding of "{config["prompt"]}"')
     return prefix + "_grid.png"
+
+
+def to_pixels(x, ae, config):
+    """Model-space samples -> images in [-1, 1]: as they are in pixel space; decoded (latent / scale) in a latent run."""
+    if ae is None:
+        return x.clamp(-1, 1)
+    import train_vae
+
+    return train_vae.decode(ae, x, config["latent_space"]["scale"]).clamp(-1, 1)
 
 
 def plot_projection(vectors, labels, png_path, title):
@@ -379,6 +395,13 @@ def plot_projection(vectors, labels, png_path, title):
 def main(argv):
     config = common.apply_overrides(globals(), argv)
     config["size"] = SIZE or _DEFAULT_SIZE[MODEL]
+    config["sample_shape"], ae = [3, IMAGE_SIZE, IMAGE_SIZE], None
+    if LATENT:  # the autoencoder is checked against this run before anything else happens
+        import train_vae
+
+        expect = {"data": "stl10", "input_shape": (3, IMAGE_SIZE, IMAGE_SIZE), "image_size": IMAGE_SIZE}
+        ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(LATENT, "cpu", expect)
+        config.update(sample_shape=list(train_vae.latent_shape(ae, (3, IMAGE_SIZE, IMAGE_SIZE))), latent_id=latent_id)
     config.update(script="train_stl10", n_classes=_N_CLASSES, model_kw=model_kwargs(config, _N_CLASSES))
     check_shapes(config)
     run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
@@ -388,6 +411,24 @@ def main(argv):
     images, labels, names = load_dataset(DATA_DIR, "train", UNLABELED)
     common.check(len(images) >= BATCH_SIZE, f"batch_size={BATCH_SIZE} exceeds the {len(images)} training images")
     config["class_names"] = names
+    if LATENT:  # every training image (and its mirror image) encoded once
+        ae = ae.to(run.device)
+        to_inputs = lambda chunk: to_model_range(chunk, IMAGE_SIZE)
+        what = f"stl10 image_size={IMAGE_SIZE} flips={HFLIP}"
+        latents, scale = train_vae.latent_cache(
+            ae,
+            latent_id,
+            images,
+            to_inputs,
+            os.path.join(OUT_DIR, "latents.safetensors"),
+            what,
+            64,
+            run.device,
+            run.is_main,
+            run.accelerator.wait_for_everyone,
+            flip=HFLIP,
+        )
+        config["latent_space"] = train_vae.latent_info(ae_config, ae_dir, latent_id, scale, config["sample_shape"])
     table = text_table(names, PROMPT, run.device) if COND == "text" else None
     schedule = common.Schedule(SCHEDULE)
     common.seed_everything(SEED)  # the initial weights depend on SEED alone
@@ -402,6 +443,9 @@ def main(argv):
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     fixed = torch.arange(0, len(images), max(1, len(images) // 8))[:8]  # reconstruction-sweep images
     fixed_images = to_model_range(images[fixed], IMAGE_SIZE).to(run.device)
+    if LATENT:
+        fixed_images = (latents[fixed, 0] if HFLIP else latents[fixed]).to(run.device)
+    attached = train_vae.attached(ae) if LATENT else None
     fixed_labels = labels[fixed].clamp_min(0).to(run.device)
     per_epoch = max(1, len(images) // BATCH_SIZE)
     while step < MAX_STEPS:
@@ -412,10 +456,14 @@ def main(argv):
         for m in range(GRAD_ACCUM):
             gen = common.step_generator(run, SEED, step, m)  # noise, t, label drop, flips; dropout
             idx = batch[(m * run.world + run.rank) * run.micro :][: run.micro]
-            x0 = to_model_range(images[idx].to(run.device), IMAGE_SIZE)
             if HFLIP:
                 flip = torch.rand(len(idx), generator=gen, device=run.device) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            if LATENT:  # the latent of the image or of its mirror image
+                x0 = (latents[idx, flip.long().cpu()] if HFLIP else latents[idx]).to(run.device)
+            else:
+                x0 = to_model_range(images[idx].to(run.device), IMAGE_SIZE)
+                if HFLIP:
+                    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
             with common.micro_step(run, model, m, GRAD_ACCUM):
                 loss, per_sample, t = training_loss(model, x0, labels[idx].to(run.device), config, table, schedule, gen)
                 run.accelerator.backward(loss / GRAD_ACCUM)
@@ -429,12 +477,14 @@ def main(argv):
         if SAMPLE_EVERY > 0 and (step % SAMPLE_EVERY == 0 or step == MAX_STEPS):
             common.check_finite(run)
             if run.is_main:
-                path = diagnostics(ema.model, config, table, schedule, fixed_images, fixed_labels, OUT_DIR, step, names)
+                path = diagnostics(
+                    ema.model, config, table, schedule, fixed_images, fixed_labels, OUT_DIR, step, names, ae
+                )
                 print(f"step {step}: diagnostics from EMA weights in {path[: -len('_grid.png')]}_*.png", flush=True)
             run.accelerator.wait_for_everyone()
         if step % CKPT_EVERY == 0 or step == MAX_STEPS:
-            common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
-    common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
+            common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS, attached=attached)
+    common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS, attached=attached)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,18 +531,19 @@ def check_eval_options(opts, config):
 
 
 @torch.no_grad()
-def sample_images(model, config, n, guidance, sampler, steps, batch, schedule, table=None):
-    """n samples (n, 3, S, S) in [-1, 1] on the CPU; sample i starts from noise seeded by i and has class i % K.
-    Stochastic samplers (ddpm) draw their per-step noise from a generator seeded by the batch's first index, so
-    their samples also depend on `batch`."""
-    device, k, size = next(model.parameters()).device, config["n_classes"], config["image_size"]
-    out = []
+def sample_images(model, config, n, guidance, sampler, steps, batch, schedule, table=None, ae=None):
+    """n samples (n, 3, S, S) in [-1, 1] on the CPU (decoded by `ae` in a latent run); sample i starts from noise
+    seeded by i and has class i % K. Stochastic samplers (ddpm) draw their per-step noise from a generator seeded by
+    the batch's first index, so their samples also depend on `batch`."""
+    device, k = next(model.parameters()).device, config["n_classes"]
+    shape, out = config.get("sample_shape") or [3, config["image_size"], config["image_size"]], []
     for start in common.progress_bar(range(0, n, batch), desc="sampling"):
         idx = torch.arange(start, min(n, start + batch))
-        noise = common.seeded_noise(idx.tolist(), (3, size, size), device)
+        noise = common.seeded_noise(idx.tolist(), shape, device)
         denoise = guided_denoiser(model, (idx % k).to(device), config, table, guidance, schedule)
         gen = torch.Generator(device=device).manual_seed(start)
-        out.append(common.sample(sampler, denoise, noise, steps, schedule, generator=gen).clamp(-1, 1).cpu())
+        x = common.sample(sampler, denoise, noise, steps, schedule, generator=gen)
+        out.append(to_pixels(x, ae, config).cpu())
     return torch.cat(out)
 
 
@@ -515,8 +566,13 @@ def evaluate(model, config, opts, out_dir):
     if opts["inception"]:
         extractors["Inception"] = common.InceptionFeatures(opts["inception"], device)
     table = text_table(names, config["prompt"], device) if config["cond"] == "text" else None
+    ae = None
+    if config.get("latent_space"):  # the autoencoder travels with the checkpoint
+        import train_vae
+
+        ae = train_vae.attached_autoencoder(opts["checkpoint"], config, device)
     schedule, t0 = common.Schedule(config["schedule"]), time.time()
-    fake = sample_images(model, config, opts["n_samples"], guidance, sampler, steps, opts["batch"], schedule, table)
+    fake = sample_images(model, config, opts["n_samples"], guidance, sampler, steps, opts["batch"], schedule, table, ae)
     result = {"n_samples": len(fake), "n_real": len(real), "real": opts["real"], "data_dir": data_dir}
     result.update(guidance=guidance, sampler=sampler, steps=steps, sampling_s=round(time.time() - t0, 1))
     sets = {"samples": fake}
