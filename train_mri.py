@@ -1,5 +1,6 @@
 """Brain-MRI diffusion on NIfTI studies: 2D axial slices or 3D volumes, tumour-mask conditioning, DDPM or rectified
-flow, in pixel, space-to-depth or Haar-wavelet space, with optional ScoreAug; generated volumes written as NIfTI.
+flow, in pixel, space-to-depth, Haar-wavelet or an autoencoder's latent space, with optional ScoreAug; generated
+volumes written as NIfTI.
 
 The recipe of a public brain-metastasis diffusion project: per-volume intensity scaling to [0, 1], axial slices
 resized to 128 (2D) or [C, D, H, W] volumes padded in depth (3D); modes seg (masks), bravo (an image given its mask),
@@ -10,6 +11,7 @@ steps, eps-prediction, DDIM sampling) or rectified flow (velocity, logit-normal 
     python train_mri.py                                           # the demo study (synthetic lesions), 2D bravo
     accelerate launch train_mri.py data=/path mode=bravo dims=3 batch_size=8
     accelerate launch train_mri.py data=/path mode=dual strategy=ddpm space=s2d
+    python train_mri.py space=latent latent=runs/vae_mri          # in a `train_vae.py data=mri` autoencoder's space
     OMP_NUM_THREADS=1 python train_mri.py image_size=64 space=s2d size=tiny width=32 lr=5e-4 warmup=100 \\
         ema_decay=0.998 batch_size=16 max_steps=2500 out_dir=runs/mri_cpu   # the README's CPU check (~30 min)
     python evaluate.py runs/mri                                   # PSNR, MS-SSIM, FD-EffNet, tumour-region errors
@@ -63,10 +65,11 @@ PATCH: common.bounds("> 0") = 2  # patch side (all but the UNet)
 CHECKPOINTING = False  # UNet gradient checkpointing (3D: less memory, more time)
 # diffusion
 STRATEGY: common.choices("rflow", "ddpm") = "rflow"  # rectified flow or DDPM (cosine, eps, DDIM sampling)
-SPACE: common.choices("pixel", "s2d", "wavelet", "latent") = "pixel"  # where diffusion runs
+SPACE: common.choices("pixel", "s2d", "wavelet", "latent") = "pixel"  # where diffusion runs (latent: needs LATENT)
+LATENT = ""  # space=latent: a train_vae.py run (data=mri, this mode, dims and size); its latents are cached in OUT_DIR
 SCORE_AUG = False  # ScoreAug: transform x_t and the target together, the transform as a condition
 MIN_SNR_GAMMA: common.bounds(">= 0") = 5.0  # Min-SNR-gamma weight; 0 off
-SHIFT_BASE: common.bounds("> 0") = 64  # rflow resolution shift r = side / SHIFT_BASE (numel ratio ^ 1/dims); 1 = off
+SHIFT_BASE: common.bounds("> 0") = 64  # rflow shift r = side / SHIFT_BASE (numel ratio ^ 1/dims; latent: its side)
 LABEL_DROP: common.bounds("0..1") = 0.1  # probability of training with the condition dropped (CFG)
 GUIDANCE: common.bounds(">= 0") = 1.0  # sampling guidance scale (1 = conditional, no guidance)
 SAMPLE_STEPS: common.bounds("> 0") = 50  # DDIM (ddpm) or Euler (rflow) steps
@@ -992,8 +995,33 @@ def spatial_shape(config):
 
 
 def space_factor(config):
-    """How many channels one pixel-space channel becomes, and the spatial downsampling of the space."""
+    """How many channels one pixel-space channel (the mask's) becomes, and the spatial downsampling of the space
+    (latent: the autoencoder's factor; the mask is average-pooled to one channel, see mask_in_space)."""
+    if config["space"] == "latent":
+        return 1, spatial_shape(config)[-1] // config["latent_shape"][-1]
     return (1, 1) if config["space"] == "pixel" else (2 ** config["dims"], 2)
+
+
+def diffusion_shape(config):
+    """(channels, *spatial) of one sample where diffusion runs: the generated modalities moved into the space, or the
+    autoencoder's latent (config["latent_shape"], set by latent_autoencoder)."""
+    if config["space"] == "latent":
+        return tuple(config["latent_shape"])
+    n_gen, (factor, down) = len(_MODALITIES[config["mode"]][0]), space_factor(config)
+    return (n_gen * factor, *[s // down for s in spatial_shape(config)])
+
+
+def mask_in_space(mask, config):
+    """The tumour mask [B, 1, *spatial] in {-1, 1} at the diffusion space's resolution, for `concat`: as it is
+    (pixel), space-to-depth (s2d, wavelet: 2^dims channels, exact), or average-pooled by the autoencoder's factor
+    (latent: one channel in [-1, 1], the tumour fraction of each latent cell; the mask is not encoded, the
+    autoencoder never saw masks)."""
+    if mask is None or config["space"] == "pixel":
+        return mask
+    if config["space"] == "latent":
+        pool = F.avg_pool2d if config["dims"] == 2 else F.avg_pool3d
+        return pool(mask, space_factor(config)[1])
+    return to_space(mask, "s2d")
 
 
 def size_histogram(mask, spacing, dims):
@@ -1012,12 +1040,13 @@ def split_sample(x, config):
     return x[:, :n_gen] * 2 - 1, (x[:, n_gen : n_gen + 1] * 2 - 1 if masked else None)
 
 
-def make_cond(mask, vector, drop, config, omega=None):
-    """The model's cond: the mask (moved into the diffusion space) as `concat`, seg_sized's size histogram and
-    ScoreAug's transform code as one `vector`, and the CFG `drop` flags; None when there is nothing to condition on."""
+def make_cond(concat, vector, drop, config, omega=None):
+    """The model's cond: the mask already in the diffusion space (mask_in_space) as `concat`, seg_sized's size
+    histogram and ScoreAug's transform code as one `vector`, and the CFG `drop` flags; None when there is nothing to
+    condition on."""
     cond = {}
-    if mask is not None:
-        cond["concat"] = mask if config["space"] == "pixel" else to_space(mask, "s2d")
+    if concat is not None:
+        cond["concat"] = concat
     parts = [v for v in (vector, omega) if v is not None]
     if parts:
         cond["vector"] = torch.cat(parts, dim=1)
@@ -1030,11 +1059,9 @@ def vector_dim(config):
 
 def model_kwargs(config):
     """What models.make_model needs beyond name and preset, from the resolved config."""
-    n_gen = len(_MODALITIES[config["mode"]][0])
-    factor = space_factor(config)[0]
-    kw = {"in_channels": n_gen * factor, "dims": config["dims"]}
+    kw = {"in_channels": diffusion_shape(config)[0], "dims": config["dims"]}
     if _MODALITIES[config["mode"]][1]:
-        kw["concat_channels"] = factor
+        kw["concat_channels"] = space_factor(config)[0]
     if vector_dim(config):
         kw["vector_dim"] = vector_dim(config)
     if config["model"] == "unet":
@@ -1049,8 +1076,7 @@ def model_kwargs(config):
         elif config["width"] > 0:
             kw["dim"] = config["width"]
     if config["model"] == "uvit":
-        side = spatial_shape(config)
-        kw["input_size"] = [s // space_factor(config)[1] for s in side]
+        kw["input_size"] = list(diffusion_shape(config)[1:])
     return kw
 
 
@@ -1068,10 +1094,6 @@ def build_model(config):
 def check_shapes(config):
     """Build on the meta device and run one sample through, so a crop / size / patch / space that the backbone's
     downsampling cannot divide stops with one line before any data is read."""
-    if config["space"] == "latent":
-        common.die(
-            "space=latent needs a trained autoencoder (train_vae.py), which is not there yet; use pixel, s2d or wavelet"
-        )
     if config["strategy"] == "ddpm":
         common.check(
             1000 % config["sample_steps"] == 0, f"sample_steps={config['sample_steps']} must divide 1000 (ddpm)"
@@ -1080,23 +1102,23 @@ def check_shapes(config):
         len(config["crop"]) == 3, f"crop={tuple(config['crop'])}: give three sizes (D, H, W), e.g. crop=(64,96,96)"
     )
     shape = spatial_shape(config)
-    factor, down = space_factor(config)
+    down = space_factor(config)[1]  # latent: load_autoencoder has checked the sides against its factor
     common.check(all(s % down == 0 for s in shape), f"space={config['space']} halves every side: {shape} must be even")
     with torch.device("meta"):
         model = build_model(config)
         common.check_fits(sum(p.numel() for p in model.parameters()), f"model={config['model']} size={config['size']}")
-        n_gen = len(_MODALITIES[config["mode"]][0])
-        x = torch.zeros(1, n_gen * factor, *[s // down for s in shape])
+        x = torch.zeros(1, *diffusion_shape(config))
         mask = torch.zeros(1, 1, *shape) if _MODALITIES[config["mode"]][1] else None
         vector = torch.zeros(1, vector_dim(config)) if vector_dim(config) else None
         drop = torch.zeros(1, dtype=torch.bool)
         try:
             with torch.device("cpu"):
-                cond = make_cond(mask, vector, drop, config)
+                cond = make_cond(mask_in_space(mask, config), vector, drop, config)
             cond = None if cond is None else {k: v.to("meta") for k, v in cond.items()}
             model(x, torch.zeros(1), cond=cond)
         except (ValueError, RuntimeError) as e:
             what = f"dims={config['dims']} " + (f"image_size={shape[0]}" if config["dims"] == 2 else f"crop={shape}")
+            what += f" (latent {diffusion_shape(config)})" if config["space"] == "latent" else ""
             common.die(
                 f"model={config['model']} cannot take {what} in space={config['space']}: {common.error_detail(e)}"
             )
@@ -1111,7 +1133,11 @@ def strategy(config):
     """(schedule, prediction, resolution-shift ratio r) of the config's strategy."""
     if config["strategy"] == "ddpm":
         return common.Schedule("cosine"), "eps", 1.0
-    side = float(np.prod(spatial_shape(config))) ** (1 / config["dims"])
+    # the side of the grid the noise acts on (Esser et al.'s argument for eq. 23 counts the diffused values): the
+    # pixels for pixel / s2d / wavelet (rearrangements of them); in a latent run the latent grid, whose cells are not
+    # redundant copies of their factor^dims pixels. SHIFT_BASE is then a latent side (128 px at f4: r = 32 / 64).
+    latent = config.get("space") == "latent"
+    side = float(np.prod(diffusion_shape(config)[1:] if latent else spatial_shape(config))) ** (1 / config["dims"])
     r = common.shift_ratio(side ** config["dims"], config["shift_base"] ** config["dims"], config["dims"])
     return common.Schedule("flow"), "flow", r
 
@@ -1120,22 +1146,24 @@ def training_loss(model, x0, mask, vector, config, gen):
     """DDPM (Ho et al. 2020, arXiv:2006.11239): t = i / 1000, eps target, cosine schedule; or rectified flow (Liu et
     al. 2022, arXiv:2209.03003): logit-normal t with the resolution shift (Esser et al. 2024, arXiv:2403.03206
     eq. 23), velocity target. Min-SNR-gamma weight (Hang et al. 2023, arXiv:2303.09556) when gamma > 0; ScoreAug
-    (Hou et al. 2025) transforms x_t, the target and the mask together. -> (mean, per-sample loss (B,), t (B,))."""
+    (Hou et al. 2025) transforms x_t, the target and the mask together. x0: the generated modalities in [-1, 1], or
+    in a latent run their cached scaled latents; mask in pixels. -> (mean, per-sample loss (B,), t (B,))."""
     schedule, prediction, r = strategy(config)
     B, dev = x0.shape[0], x0.device
     if config["strategy"] == "ddpm":
         t = torch.randint(1, 1001, (B,), generator=gen, device=dev).float() / 1000
     else:
         t = common.sample_t(B, "logit_normal", gen, dev, shift=r)
-    z0 = to_space(x0, config["space"], config.get("wavelet_stats"))
+    z0 = x0 if config["space"] == "latent" else to_space(x0, config["space"], config.get("wavelet_stats"))
+    concat = mask_in_space(mask, config)
     eps = torch.randn(z0.shape, generator=gen, device=dev)
     drop = torch.rand(B, generator=gen, device=dev) < config["label_drop"]
     z_t = common.add_noise(z0, eps, t, schedule)
     target = common.prediction_target(prediction, z0, eps, t, schedule)
     omega = None
     if config["score_aug"]:
-        z_t, target, mask, omega = augment(z_t, target, mask, drop, config, gen)
-    pred = model(z_t, t, cond=make_cond(mask, vector, drop, config, omega))
+        z_t, target, concat, omega = augment(z_t, target, concat, drop, config, gen)
+    pred = model(z_t, t, cond=make_cond(concat, vector, drop, config, omega))
     weight = (
         common.loss_weight("min_snr", t, schedule, prediction, config["min_snr_gamma"])
         if config["min_snr_gamma"] > 0
@@ -1145,36 +1173,30 @@ def training_loss(model, x0, mask, vector, config, gen):
     return per_sample.mean(), per_sample, t
 
 
-def augment(z_t, target, mask, drop, config, gen):
-    """ScoreAug on the noisy input, the target and the mask as one tensor (so they move together); samples whose
-    condition is dropped keep the identity (their transform code would be dropped with it)."""
+def augment(z_t, target, concat, drop, config, gen):
+    """ScoreAug on the noisy input, the target and the mask (in the diffusion space: mask_in_space) as one tensor, so
+    they move together (in a latent run on the latent grid); samples whose condition is dropped keep the identity
+    (their transform code would be dropped with it)."""
     n = z_t.shape[1]
-    parts = [z_t, target] + ([mask] if mask is not None else [])
-    if mask is not None and config["space"] != "pixel":
-        parts[-1] = to_space(mask, "s2d")
-    stacked = torch.cat(parts, dim=1)
+    stacked = torch.cat([z_t, target] + ([concat] if concat is not None else []), dim=1)
     moved, _, omega = score_aug(stacked, stacked, gen, config["dims"])
     keep = drop.view(-1, *[1] * (stacked.ndim - 1))
     moved, omega = torch.where(keep, stacked, moved), omega.masked_fill(drop[:, None], 0.0)  # 0: the identity
-    z_t, target = moved[:, :n], moved[:, n : 2 * n]
-    if mask is not None:
-        mask = moved[:, 2 * n :]
-        mask = mask if config["space"] == "pixel" else from_space(mask, "s2d")
-    return z_t, target, mask, omega
+    return moved[:, :n], moved[:, n : 2 * n], None if concat is None else moved[:, 2 * n :], omega
 
 
 @torch.no_grad()
-def generate(model, mask, vector, seeds, config, guidance, steps, callback=None):
+def generate(model, mask, vector, seeds, config, guidance, steps, callback=None, ae=None):
     """Samples in pixel space [B, n_gen, *spatial] in [-1, 1] for the masks / vectors given (B rows): DDIM (ddpm)
-    or Euler on the shifted time grid (rflow), with classifier-free guidance at `guidance`."""
+    or Euler on the shifted time grid (rflow), with classifier-free guidance at `guidance`; a latent run's samples
+    are decoded by its autoencoder `ae`."""
     device = next(model.parameters()).device
     schedule, prediction, r = strategy(config)
-    n_gen, (factor, down) = len(_MODALITIES[config["mode"]][0]), space_factor(config)
-    shape = (n_gen * factor, *[s // down for s in spatial_shape(config)])
-    noise = common.seeded_noise(seeds, shape, device)
+    noise = common.seeded_noise(seeds, diffusion_shape(config), device)
     B = len(noise)
     drop = torch.zeros(B, dtype=torch.bool, device=device)
-    cond = make_cond(mask, vector, drop, config, torch.zeros(B, _OMEGA, device=device) if config["score_aug"] else None)
+    omega = torch.zeros(B, _OMEGA, device=device) if config["score_aug"] else None
+    cond = make_cond(mask_in_space(mask, config), vector, drop, config, omega)
     if cond is None:
         fn = lambda x, t: model(x, t)
     else:
@@ -1185,7 +1207,17 @@ def generate(model, mask, vector, seeds, config, guidance, steps, callback=None)
         ts = common.resolution_shift(ts, r)
     name = "ddim" if config["strategy"] == "ddpm" else "euler"
     z = common.SAMPLERS[name](denoise, noise, ts, schedule, callback=callback)
-    return from_space(z, config["space"], config.get("wavelet_stats")).clamp(-1, 1)
+    return to_pixels(z, config, ae)
+
+
+def to_pixels(z, config, ae=None):
+    """Diffusion-space samples -> pixel space in [-1, 1]: from_space, or in a latent run the autoencoder's decoder
+    (of the latents divided by their scale)."""
+    if config["space"] != "latent":
+        return from_space(z, config["space"], config.get("wavelet_stats")).clamp(-1, 1)
+    import train_vae  # here, not at the top: train_vae imports this module
+
+    return train_vae.decode(ae, z, config["latent_space"]["scale"]).clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1235,15 +1267,17 @@ def prepare(config, root, split, verbose=True):
 
 
 @torch.no_grad()
-def diagnostics(ema_model, fixed, config, out_dir, step):
+def diagnostics(ema_model, fixed, config, out_dir, step, ae=None):
     """From EMA weights with fixed seeds: rows of [mask | generated | real] montages (2D: slices side by side) and
-    the denoising trajectory of the first sample, plus the training loss by noise level."""
+    the denoising trajectory of the first sample, plus the training loss by noise level (a latent run's samples and
+    trajectory decoded by its autoencoder `ae`)."""
     prefix = os.path.join(out_dir, "samples", f"step_{step:07d}")
     x, vectors = fixed
     real, mask = split_sample(x, config)
     trajectory = []
-    keep = lambda i, t, z, z0: trajectory.append(from_space(z0[:1], config["space"], config.get("wavelet_stats")))
-    fake = generate(ema_model, mask, vectors, range(len(x)), config, config["guidance"], config["sample_steps"], keep)
+    keep = lambda i, t, z, z0: trajectory.append(to_pixels(z0[:1], config, ae))
+    steps = config["sample_steps"]
+    fake = generate(ema_model, mask, vectors, range(len(x)), config, config["guidance"], steps, keep, ae)
     panels = [p for p in (mask, fake, real) if p is not None]
     save_panels(panels, prefix + "_grid.png", config)
     save_panels(
@@ -1266,6 +1300,58 @@ def save_panels(panels, path, config):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Latent space: a train_vae.py autoencoder (data=mri), its latents of the training set cached once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def latent_autoencoder(config):
+    """space=latent: the autoencoder of config["latent"] (CPU, frozen), stopped with one line unless it was trained on
+    this run's data kind (mri, mode, dims, image_size / crop); stores latent_id and latent_shape in config.
+    -> (autoencoder, (its config, its checkpoint folder)), or (None, None) in the other spaces."""
+    if config["space"] != "latent":
+        common.check(not config["latent"], f"latent= needs space=latent; this run has space={config['space']}")
+        return None, None
+    common.check(config["latent"], "space=latent needs latent=RUN: an autoencoder trained by train_vae.py data=mri")
+    import train_vae  # here, not at the top: train_vae imports this module
+
+    shape = (len(_MODALITIES[config["mode"]][0]), *spatial_shape(config))
+    expect = {"data": "mri", "input_shape": shape, "mode": config["mode"], "dims": config["dims"]}
+    if config["dims"] == 2:
+        expect["image_size"] = config["image_size"]
+    else:
+        expect["crop"] = list(config["crop"])  # as the autoencoder's config.json stores it
+    ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(config["latent"], "cpu", expect)
+    config.update(latent_id=latent_id, latent_shape=list(train_vae.latent_shape(ae, shape)))
+    return ae, (ae_config, ae_dir)
+
+
+def latent_training_set(ae, source, x, config, run):
+    """The scaled latents (N, c, *spatial / f) of the training samples x, encoded once into OUT_DIR/latents.safetensors
+    (rebuilt when the autoencoder or the data change), and config["latent_space"] (the scale, where the autoencoder
+    came from). -> (latents, the weights every checkpoint carries), or (None, None) outside space=latent."""
+    if ae is None:
+        return None, None
+    import train_vae  # here, not at the top: train_vae imports this module
+
+    ae.to(run.device)
+    size = f"image_size={config['image_size']}" if config["dims"] == 2 else f"crop={tuple(config['crop'])}"
+    latents, scale = train_vae.latent_cache(
+        ae,
+        config["latent_id"],
+        x,
+        lambda chunk: split_sample(chunk, config)[0],  # the generated modalities in [-1, 1], as the autoencoder saw
+        os.path.join(config["out_dir"], "latents.safetensors"),
+        f"mri mode={config['mode']} dims={config['dims']} {size}",
+        run.micro,
+        run.device,
+        run.is_main,
+        run.accelerator.wait_for_everyone,
+    )
+    config["latent_space"] = train_vae.latent_info(*source, config["latent_id"], scale, config["latent_shape"])
+    return latents, train_vae.attached(ae)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1273,12 +1359,14 @@ def save_panels(panels, path, config):
 def main(argv):
     config = common.apply_overrides(globals(), argv)
     config.update(script="train_mri", size=SIZE or _DEFAULT_SIZE[MODEL])
+    ae, ae_source = latent_autoencoder(config)  # space=latent: checked against this run before anything else happens
     config["model_kw"] = model_kwargs(config)
     check_shapes(config)
     run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
     root = study_root(config, run.is_main)
     run.accelerator.wait_for_everyone()
     x, vectors, info = prepare(config, root, "train", verbose=run.is_main)
+    latents, attached = latent_training_set(ae, ae_source, x, config, run)  # (None, None) outside space=latent
     fixed = prepare(config, root, "val", verbose=run.is_main)[:2]
     pick = torch.linspace(0, len(fixed[0]) - 1, min(4, len(fixed[0]))).round().long()
     fixed = (fixed[0][pick].to(run.device), None if fixed[1] is None else fixed[1][pick].to(run.device))
@@ -1291,8 +1379,9 @@ def main(argv):
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     subjects = len({i["subject"] for i in info})
     describe = f"MRI {root}: {len(x)} {'slices' if DIMS == 2 else 'volumes'} of {subjects} training subjects, "
+    space = SPACE + (f" {tuple(config['latent_shape'])} of {ae_source[1]}" if ae is not None else "")
     describe += (
-        f"{tuple(x.shape[2:])}; mode={MODE} {STRATEGY} space={SPACE}{' ScoreAug' * SCORE_AUG}; {MODEL} {config['size']}"
+        f"{tuple(x.shape[2:])}; mode={MODE} {STRATEGY} space={space}{' ScoreAug' * SCORE_AUG}; {MODEL} {config['size']}"
     )
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     per_epoch = max(1, len(x) // BATCH_SIZE)
@@ -1307,6 +1396,8 @@ def main(argv):
             gen = common.step_generator(run, SEED, step, m)
             idx = batch[(m * run.world + run.rank) * run.micro :][: run.micro]
             x0, mask = split_sample(x[idx].to(run.device), config)
+            if latents is not None:  # the cached latents of the same samples; the mask stays in pixels
+                x0 = latents[idx].to(run.device)
             vector = None if vectors is None else vectors[idx].to(run.device)
             with common.micro_step(run, model, m, GRAD_ACCUM):
                 loss, per_sample, t = training_loss(model, x0, mask, vector, config, gen)
@@ -1321,12 +1412,12 @@ def main(argv):
         if SAMPLE_EVERY > 0 and (step % SAMPLE_EVERY == 0 or step == MAX_STEPS):
             common.check_finite(run)
             if run.is_main:
-                prefix = diagnostics(ema.model, fixed, config, OUT_DIR, step)
+                prefix = diagnostics(ema.model, fixed, config, OUT_DIR, step, ae)
                 print(f"step {step}: diagnostics from EMA weights in {prefix}_*.png", flush=True)
             run.accelerator.wait_for_everyone()
         if step % CKPT_EVERY == 0 or step == MAX_STEPS:
-            common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
-    common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
+            common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS, attached=attached)
+    common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS, attached=attached)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1367,9 +1458,16 @@ def axial_images(x, config):
 def evaluate(model, config, opts, out_dir):
     """Generate N_SAMPLES held-out samples from their own masks (or size histograms) and score them against the real
     ones: PSNR, SSIM, MS-SSIM, FD/KID-EffNet on axial slices and tumour-region errors by RANO-BM class (image modes);
-    tumour count and size distributions (mask modes). Writes NIfTI volumes, montages and the worst samples."""
+    tumour count and size distributions (mask modes). Writes NIfTI volumes, montages and the worst samples. A latent
+    run's samples are decoded by the autoencoder saved beside its checkpoint (opts["checkpoint"], set by evaluate.py)
+    before anything is scored or written."""
     check_eval_options(opts)
     device = next(model.parameters()).device
+    ae = None
+    if config["space"] == "latent":
+        import train_vae  # here, not at the top: train_vae imports this module
+
+        ae = train_vae.attached_autoencoder(opts["checkpoint"], config, device)
     guidance = opts["guidance"] if opts["guidance"] != -1 else config["guidance"]
     steps = opts["sample_steps"] if opts["sample_steps"] > 0 else config["sample_steps"]
     root = opts["data"] or config["data"]
@@ -1384,7 +1482,8 @@ def evaluate(model, config, opts, out_dir):
         sl = slice(s, s + opts["batch"])
         m = None if mask is None else mask[sl].to(device)
         v = None if vectors is None else vectors[sl].to(device)
-        fake.append(generate(model, m, v, range(s, min(len(x), s + opts["batch"])), config, guidance, steps).cpu())
+        seeds = range(s, min(len(x), s + opts["batch"]))
+        fake.append(generate(model, m, v, seeds, config, guidance, steps, ae=ae).cpu())
     fake = torch.cat(fake)
     result = {"n_samples": len(x), "split": opts["split"], "data": root, "guidance": guidance, "steps": steps}
     result["sampling_s"] = round(time.time() - t0, 1)
@@ -1407,7 +1506,7 @@ def evaluate(model, config, opts, out_dir):
     path = os.path.join(out_dir, "eval_samples.png")
     save_panels([p[:8] for p in (mask, fake, real) if p is not None], path, config)
     files.append((path, "the first 8 samples: (mask |) generated | real"))
-    files += write_volumes(model, fake, info, config, opts, out_dir, root, guidance, steps)
+    files += write_volumes(model, fake, info, config, opts, out_dir, root, guidance, steps, ae)
     return result, files
 
 
@@ -1483,16 +1582,17 @@ def sample_affine(row, config, first_slice=0):
     return affine @ t
 
 
-def write_volumes(model, fake, info, config, opts, out_dir, root, guidance, steps):
+def write_volumes(model, fake, info, config, opts, out_dir, root, guidance, steps, ae=None):
     """Generated volumes as .nii.gz with their subject's geometry, each with a montage PNG: 3D, the first N_NIFTI
     samples; 2D, every slice of the first N_NIFTI held-out subjects generated from its own mask and stacked (slices
-    without brain stay 0). Values are intensities in [0, 1] (masks 0 / 1). -> [(path, what)]."""
+    without brain stay 0; a latent run's decoded by `ae`). Values are intensities in [0, 1] (masks 0 / 1).
+    -> [(path, what)]."""
     folder, files, names = os.path.join(out_dir, "generated_nifti"), [], _MODALITIES[config["mode"]][0]
     os.makedirs(folder, exist_ok=True)
     if config["dims"] == 3:
         volumes = [(info[i], fake[i], 0) for i in range(min(opts["n_nifti"], len(fake)))]
     else:
-        volumes = stacked_subjects(model, config, opts, root, guidance, steps)
+        volumes = stacked_subjects(model, config, opts, root, guidance, steps, ae)
     for k, (row, volume, first) in enumerate(volumes):
         for c, name in enumerate(names):
             path = os.path.join(folder, f"{k:02d}_{row['subject']}_{name}.nii.gz")
@@ -1505,9 +1605,10 @@ def write_volumes(model, fake, info, config, opts, out_dir, root, guidance, step
     return files
 
 
-def stacked_subjects(model, config, opts, root, guidance, steps):
+def stacked_subjects(model, config, opts, root, guidance, steps, ae=None):
     """2D: every kept slice of the first N_NIFTI held-out subjects, generated from its mask (seed = slice index),
-    stacked into [C, K, S, S] from the first to the last kept slice. -> [(info row, volume, first slice)]."""
+    stacked into [C, K, S, S] from the first to the last kept slice (a latent run's decoded by `ae`).
+    -> [(info row, volume, first slice)]."""
     x, vectors, info = prepare(config, root, opts["split"], verbose=False)
     device, out = next(model.parameters()).device, []
     subjects = list(dict.fromkeys(r["subject"] for r in info))[: opts["n_nifti"]]
@@ -1519,7 +1620,7 @@ def stacked_subjects(model, config, opts, root, guidance, steps):
         for s in range(0, len(rows), opts["batch"]):
             m = None if mask is None else mask[s : s + opts["batch"]].to(device)
             v = None if vectors is None else vectors[rows[s : s + opts["batch"]]].to(device)
-            parts.append(generate(model, m, v, slices[s : s + opts["batch"]], config, guidance, steps).cpu())
+            parts.append(generate(model, m, v, slices[s : s + opts["batch"]], config, guidance, steps, ae=ae).cpu())
         fake = torch.cat(parts)
         volume = -torch.ones(fake.shape[1], max(slices) - min(slices) + 1, *fake.shape[2:])
         volume[:, [k - min(slices) for k in slices]] = fake.transpose(0, 1)

@@ -436,6 +436,8 @@ def main(argv):
     ema = common.EMA(raw)
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
     describe = f"STL-10 {DATA_DIR}: {len(images)} images ({int((labels < 0).sum())} unlabelled), {IMAGE_SIZE}px; "
+    if LATENT:
+        describe += f"in the latent space of {LATENT} {tuple(config['sample_shape'])} (scale {scale:.4g}); "
     describe += f"{MODEL} {config['size']}, cond={COND}"
     if COND == "text":
         n = count_context_modules(raw)

@@ -1,6 +1,7 @@
 """train_mri.py end to end on a small demo study written to disk (real MNI152 anatomy from nilearn; SYNTHETIC subjects
 and SYNTHETIC lesions): every mode x strategy lowers the loss in 2D, spaces and ScoreAug train, one 3D case, a run
-resumes exactly, evaluate.py writes NIfTI volumes that sit where their subject is, and bad input stops with one line."""
+resumes exactly, evaluate.py writes NIfTI volumes that sit where their subject is, and bad input stops with one line;
+latent diffusion in a tiny train_vae.py autoencoder's space trains, resumes, evaluates from the checkpoint alone."""
 
 import glob
 import json
@@ -187,7 +188,7 @@ def one_line_error(r):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["space=latent"], "not there yet"),
+        (["space=latent"], "needs latent=RUN"),
         (["dims=3", "crop=15,32,32"], "cannot take"),
         (["strategy=ddpm", "sample_steps=7"], "must divide 1000"),
         (["space=s2d", "image_size=33"], "even"),
@@ -208,3 +209,107 @@ def test_bravo_on_a_study_without_seg(study, tmp_path):
         os.remove(path)
     r = run(train_cmd(str(copy), tmp_path / "run", "max_steps=1"))
     assert one_line_error(r) and "seg" in r.stderr, r.stderr[-1500:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent diffusion (space=latent) in a train_vae.py autoencoder's space
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_autoencoder(study, out, *extra):
+    """A tiny KL-VAE on the study's generated modalities (train_vae.py data=mri), 2 steps, no perceptual term."""
+    base = ["data=mri", f"data_dir={study}", "model=klvae", "size=tiny", "image_size=32", "batch_size=4"]
+    base += ["perceptual_weight=0", "max_steps=2", f"out_dir={out}", f"cache_dir={out}_cache"]
+    given = {a.split("=")[0] for a in extra}
+    r = run(["train_vae.py", *[a for a in base if a.split("=")[0] not in given], *extra])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def autoencoder(study, tmp_path_factory):
+    """A train_vae.py run (2D, mode=bravo, image_size=32) shared by the latent tests."""
+    return train_autoencoder(study, tmp_path_factory.mktemp("mri_ae") / "vae")
+
+
+def test_latent_mask_pooling_and_score_aug_move_together(study):
+    config = {**base_config(study), "space": "latent", "latent_shape": [4, 8, 8]}  # a factor-4 autoencoder at 32
+    mask = -torch.ones(2, 1, 32, 32)
+    mask[0, :, :4, :2] = 1  # half of the first 4 x 4 cell
+    pooled = train_mri.mask_in_space(mask, config)
+    assert pooled.shape == (2, 1, 8, 8) and pooled[0, 0, 0, 0] == 0 and (pooled.flatten()[1:] == -1).all()
+    z = torch.randn(8, 1, 8, 8)
+    moved_z, moved_target, moved_mask, omega = train_mri.augment(
+        z, z.clone(), z.clone(), torch.zeros(8, dtype=torch.bool), config, torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(moved_z, moved_target) and torch.equal(moved_z, moved_mask) and omega.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_latent_train_resume_evaluate_from_the_checkpoint_alone(study, autoencoder, tmp_path):
+    """space=latent with ScoreAug: 4 straight steps equal 2 + 2 resumed, the latents are cached in the run, every
+    checkpoint carries the autoencoder, so evaluate.py needs neither the autoencoder's run nor its cache."""
+    ae = str(tmp_path / "vae")
+    shutil.copytree(autoencoder, ae)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common_args = ["space=latent", f"latent={ae}", "score_aug=true", "max_steps=4", "ckpt_every=2", "sample_steps=2"]
+    r = run(train_cmd(study, straight, *common_args, "sample_every=4", "keep_ckpts=5"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.isfile(straight / "samples" / "step_0000004_grid.png")
+    assert os.path.isfile(straight / "latents.safetensors")
+    config = json.load(open(straight / "config.json"))
+    assert config["latent_space"]["shape"] == [4, 8, 8] and config["latent_id"] == config["latent_space"]["id"]
+    assert config["model_kw"]["in_channels"] == 4 and config["model_kw"]["concat_channels"] == 1
+    r = run(train_cmd(study, resumed, *common_args, "sample_every=-1", f"resume={straight}/step_0000002"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "step_0000004" / "ema.safetensors")) for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a), "2 + 2 resumed steps differ from 4 straight steps"
+    shutil.rmtree(ae)  # evaluation rebuilds the autoencoder from autoencoder.safetensors beside the checkpoint
+    r = run(["evaluate.py", str(straight), "n_samples=4", "batch=4", "sample_steps=2", "n_nifti=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.load(open(straight / "step_0000004" / "eval.json"))
+    for key in ("PSNR", "SSIM", "MS-SSIM", "FD-EffNet", "KID-EffNet"):
+        assert np.isfinite(result[key]), key
+    assert set(result["region_mae"]) >= {"outside", "tumour"}
+    (path,) = glob.glob(str(straight / "step_0000004" / "generated_nifti" / "*.nii.gz"))
+    values = nib.load(path).get_fdata()
+    assert nib.load(path).shape[:2] == (32, 32) and np.isfinite(values).all() and 0 <= values.min() <= values.max() <= 1
+
+
+@pytest.mark.slow
+def test_latent_3d_trains_and_evaluates(study, tmp_path):
+    crop = "crop=(16,32,32)"
+    ae = train_autoencoder(study, tmp_path / "vae3", "dims=3", crop, "batch_size=2", "disc_layers=2")
+    out = tmp_path / "run3"
+    args = ["space=latent", f"latent={ae}", "dims=3", crop, "batch_size=2", "max_steps=2", "sample_every=2"]
+    r = run(train_cmd(study, out, *args))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(out / "config.json"))["latent_space"]["shape"] == [4, 4, 8, 8]
+    r = run(["evaluate.py", str(out), "n_samples=2", "batch=2", "sample_steps=2", "n_nifti=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.isfinite(json.load(open(out / "step_0000002" / "eval.json"))["PSNR"])
+    (path,) = glob.glob(str(out / "step_0000002" / "generated_nifti" / "*.nii.gz"))
+    assert nib.load(path).shape == (32, 32, 16)  # (W, H, D) on disk
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["latent={ae}"], "needs space=latent"),
+        (["space=latent", "latent={diffusion}"], "not an autoencoder"),
+        (["space=latent", "latent={ae}", "mode=seg"], "mode='bravo'"),
+        (["space=latent", "latent={ae}", "dims=3", "crop=(16,32,32)"], "2D inputs"),
+        (["space=latent", "latent={ae}", "image_size=64"], "image_size=32"),
+    ],
+)
+def test_latent_bad_input_is_one_line(study, autoencoder, tmp_path, args, needle):
+    diffusion = str(tmp_path / "pixel_run")  # a train_mri checkpoint (untrained) is no autoencoder
+    if any("{diffusion}" in a for a in args):
+        model = train_mri.build_model(base_config(study))
+        common.save_checkpoint(diffusion, 0, model, None, None, {"script": "train_mri"})
+    args = [a.format(ae=autoencoder, diffusion=diffusion) for a in args]
+    r = run(train_cmd(study, tmp_path / "run", "max_steps=1", *args))
+    assert one_line_error(r), r.stderr[-1500:]
+    assert needle in r.stderr, r.stderr[-500:]
