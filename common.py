@@ -1073,7 +1073,7 @@ def _same_model(ckpt, config):
     stored = load_config(ckpt)
     # task_ids: what ARC's task embedding rows mean; latent_id: the autoencoder whose latent space a run lives in
     for key in ("script", "model", "size", "model_kw", "task_ids", "latent_id"):
-        if key in config and stored.get(key) != config[key]:
+        if (key in config or key == "latent_id") and stored.get(key) != config.get(key):  # pixel vs latent too
             was, now = (
                 repr(v) if len(repr(v)) < 160 else repr(v)[:150] + " ...]" for v in (stored.get(key), config[key])
             )

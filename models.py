@@ -27,6 +27,8 @@ in_channels + concat_channels input channels and outputs out_channels (default i
 cross-attention (UNet, DiT; HDiT at its coarsest level), as tokens (U-ViT), as MMDiT's second token stream with
 joint attention, or as a masked mean pooled into the conditioning vector (LocalMamba).
 Every registry entry has a `tiny` preset.
+The autoencoders of latent diffusion (KLVAE, VQVAE, DCAE: class attribute kind = "autoencoder") and the PatchGAN
+discriminator (kind = "discriminator") are not denoisers: they are called as model(x), see their section.
 Shape letters: B batch, C channels, H/W height/width, D model width, L tokens, G ARC grid side.
 """
 
@@ -507,7 +509,9 @@ class UNet(nn.Module):
 
     def _run(self, layers, h, emb, context, mask):
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._run_layers, layers, h, emb, context, mask, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(
+                self._run_layers, layers, h, emb, context, mask, use_reentrant=False
+            )
         return self._run_layers(layers, h, emb, context, mask)
 
     def _run_layers(self, layers, h, emb, context, mask):
@@ -1618,6 +1622,524 @@ class MMDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Autoencoders for latent diffusion (KL-VAE, VQ-VAE, DC-AE) and the PatchGAN discriminator
+# ----------------------------------------------------------------------------------------------------------------
+# Not denoisers, so not called as model(x, t, cond): an autoencoder is called as model(x) -> (x_hat, aux);
+# encode(x) -> z (B, latent_channels, *[s // factor for s in spatial]) is what a latent diffusion model learns and
+# decode(z) -> x_hat (B, out_channels, *spatial) maps its samples back. `kind` tells these apart in MODELS.
+
+
+def norm_groups(channels, max_groups=32):
+    """The largest group count <= max_groups dividing `channels`: LDM's 32 groups, fewer for narrow layers."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(norm_groups(channels), channels, eps=1e-6)
+
+
+def autoencoder_factor(dims, ch_mult, factor):
+    """The spatial factor 2^(len(ch_mult) - 1) that ch_mult implies (one stride-2 step between consecutive levels).
+    ValueError for dims outside 1..3, or a `factor` (None = take the implied one) that is not a power of 2 or that
+    disagrees with ch_mult."""
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims={dims}: choose 1 (signals), 2 (images) or 3 (volumes)")
+    implied = 2 ** (len(ch_mult) - 1)
+    if factor is not None and (not isinstance(factor, int) or factor < 1 or factor & (factor - 1)):
+        raise ValueError(f"factor={factor} is not a power of 2")
+    if factor is not None and factor != implied:
+        raise ValueError(
+            f"factor={factor} disagrees with ch_mult {tuple(ch_mult)}: {len(ch_mult)} levels downsample by {implied};"
+            f" give ch_mult {int(math.log2(factor)) + 1} entries for factor {factor}"
+        )
+    return implied
+
+
+def check_autoencoder_input(model, x, channels, factor):
+    """ValueError unless x is (B, channels, *spatial) with dims spatial sides, each divisible by factor."""
+    if x.ndim != model.dims + 2 or x.shape[1] != channels:
+        sides = ", ".join(["S"] * model.dims)
+        raise ValueError(
+            f"{type(model).__name__}(dims={model.dims}) expects (B, {channels}, {sides}), got {tuple(x.shape)}"
+        )
+    if any(s % factor for s in x.shape[2:]):
+        raise ValueError(f"{type(model).__name__}: input size {tuple(x.shape[2:])} is not divisible by factor {factor}")
+
+
+def run_blocks(blocks, h, checkpointing=False):
+    """Apply blocks in turn; with checkpointing, each is recomputed in backward (memory of one block's activations
+    instead of all, for ~30% more time: large volumes)."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+        else:
+            h = block(h)
+    return h
+
+
+class AEResBlock(nn.Module):
+    """The autoencoders' residual block (LDM, arXiv:2112.10752; no time embedding, no dropout):
+    skip(x) + conv(SiLU(GN(conv(SiLU(GN(x)))))), skip a 1x1 conv when the width changes, else the identity."""
+
+    def __init__(self, dims, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), conv_nd(dims, c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), conv_nd(dims, c_out, c_out, 3, padding=1)
+        self.skip = conv_nd(dims, c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+def middle_blocks(dims, c, attention, heads):
+    """LDM's middle: ResBlock, self-attention over every latent position (SDPA), ResBlock. SpatialAttention's output
+    projection starts at zero, LDM's does not (departure: the branch starts as the identity)."""
+    attn = [SpatialAttention(c, heads, norm_groups(c))] if attention else []
+    return [AEResBlock(dims, c, c), *attn, AEResBlock(dims, c, c)]
+
+
+class LDMEncoder(nn.Module):
+    """The LDM autoencoder's encoder (arXiv:2112.10752, app. G): conv_in; per level num_res_blocks ResBlocks and,
+    except after the last level, a stride-2 conv; the middle blocks; GroupNorm, SiLU, conv_out."""
+
+    def __init__(self, dims, in_channels, out_channels, widths, num_res_blocks, attention, heads):
+        super().__init__()
+        self.checkpointing = False
+        self.conv_in = conv_nd(dims, in_channels, widths[0], 3, padding=1)
+        blocks, c = [], widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(num_res_blocks):
+                blocks.append(AEResBlock(dims, c, width))
+                c = width
+            if level < len(widths) - 1:  # LDM pads (0, 1) then convolves unpadded; symmetric padding, same cost
+                blocks.append(conv_nd(dims, c, c, 3, stride=2, padding=1))
+        self.blocks = nn.ModuleList(blocks + middle_blocks(dims, c, attention, heads))
+        self.norm_out, self.conv_out = group_norm(c), conv_nd(dims, c, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = run_blocks(self.blocks, self.conv_in(x), self.checkpointing)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class LDMDecoder(nn.Module):
+    """The mirror of LDMEncoder: conv_in, the middle blocks, per level (coarsest first) num_res_blocks + 1 ResBlocks
+    (one more than the encoder, as in LDM) and, except at the finest level, nearest upsampling by 2 and a conv;
+    GroupNorm, SiLU, conv_out."""
+
+    def __init__(self, dims, in_channels, out_channels, widths, num_res_blocks, attention, heads):
+        super().__init__()
+        self.checkpointing = False
+        c = widths[-1]
+        self.conv_in = conv_nd(dims, in_channels, c, 3, padding=1)
+        blocks = middle_blocks(dims, c, attention, heads)
+        for level in reversed(range(len(widths))):
+            for _ in range(num_res_blocks + 1):
+                blocks.append(AEResBlock(dims, c, widths[level]))
+                c = widths[level]
+            if level > 0:
+                blocks.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv_nd(dims, c, c, 3, padding=1))
+                )
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out, self.conv_out = group_norm(c), conv_nd(dims, c, out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = run_blocks(self.blocks, self.conv_in(z), self.checkpointing)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class KLVAE(nn.Module):
+    """KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, arXiv:2112.10752, sec. 3.1, app. G).
+
+    The encoder gives the mean and log-variance of a diagonal Gaussian q(z|x); training decodes a sample
+    z = mean + exp(logvar / 2) * eps and adds a weak KL(q(z|x) || N(0, I)) (LDM weights it 1e-6), which bounds the
+    latent scale without the information loss of a strong prior. ch_mult sets the levels and so
+    factor = 2^(len(ch_mult) - 1); a `factor` that disagrees raises ValueError. The middle attention is O(N^2) in
+    the latent positions: attention=False for large volumes. checkpointing trades ~30% time for activation memory.
+    """
+
+    kind = "autoencoder"
+    PRESETS = {
+        "tiny": dict(channels=8, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4),  # factor 4
+        "small": dict(channels=64, ch_mult=(1, 2, 2), num_res_blocks=2, latent_channels=4),  # factor 4
+        "f4": dict(channels=128, ch_mult=(1, 2, 4), num_res_blocks=2, latent_channels=3),  # LDM's KL-f4
+        "base": dict(channels=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4),  # SD's VAE, factor 8
+    }
+
+    def __init__(
+        self,
+        dims=2,
+        in_channels=3,
+        out_channels=None,
+        channels=64,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        latent_channels=4,
+        factor=None,
+        attention=True,
+        heads=1,
+        checkpointing=False,
+    ):
+        super().__init__()
+        self.factor = autoencoder_factor(dims, ch_mult, factor)
+        self.dims, self.in_channels, self.out_channels = dims, in_channels, out_channels or in_channels
+        self.latent_channels = latent_channels
+        widths = [channels * m for m in ch_mult]
+        # LDM follows conv_out by a 1x1 "quant_conv" (and the decoder's conv_in by a 1x1 "post_quant_conv"): linear
+        # maps next to linear maps, folded away here (departure; 92 parameters fewer at the SD shape)
+        self.encoder = LDMEncoder(dims, in_channels, 2 * latent_channels, widths, num_res_blocks, attention, heads)
+        self.decoder = LDMDecoder(dims, latent_channels, self.out_channels, widths, num_res_blocks, attention, heads)
+        self.encoder.checkpointing = self.decoder.checkpointing = checkpointing
+
+    @property
+    def last_layer(self):
+        return self.decoder.conv_out.weight
+
+    def posterior(self, x):
+        """x -> (mean, logvar) of q(z|x), each (B, latent_channels, *latent_spatial); logvar clamped to [-30, 20]
+        as in LDM, so exp(logvar) neither underflows to a zero std nor overflows."""
+        check_autoencoder_input(self, x, self.in_channels, self.factor)
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x):
+        return self.posterior(x)[0]
+
+    def decode(self, z):
+        check_autoencoder_input(self, z, self.latent_channels, 1)
+        return self.decoder(z)
+
+    def forward(self, x):
+        mean, logvar = self.posterior(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training else mean
+        # KL(N(mean, var) || N(0, 1)) = 0.5 (mean^2 + var - 1 - log var) per element (Kingma & Welling 2014,
+        # arXiv:1312.6114, app. B), summed over the latent
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)  # (B,)
+        return self.decoder(z), {"kl": kl, "mean": mean, "logvar": logvar}
+
+
+class VectorQuantizerEMA(nn.Module):
+    """Vector quantiser with an EMA codebook and dead-code restarts (van den Oord et al. 2017, arXiv:1711.00937,
+    sec. 3.2 and app. A.1; restarts as in Dhariwal et al. 2020, Jukebox, arXiv:2005.00341, sec. 3.1).
+
+    Each vector z_e is replaced by its nearest code e_k. The codebook is not trained by gradient: in training mode
+    each forward moves the per-code count N_k and vector sum m_k towards this batch's (n_k, sum of the z_e assigned
+    to k) by an exponential moving average, and sets e_k = m_k / N_k (Laplace-smoothed N_k, so no division by 0).
+    A code whose N_k falls below dead_threshold (default 0.01: fewer than one assignment per hundred batches) is
+    moved onto a random encoder output of the batch, with N_k = 1, so every code stays in use. Under DDP the
+    buffers follow rank 0 (DDP broadcasts buffers before each forward); the other ranks' statistics are dropped.
+    """
+
+    def __init__(self, codebook_size, dim, beta=0.25, decay=0.99, eps=1e-5, dead_threshold=0.01):
+        super().__init__()
+        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
+        self.decay, self.eps, self.dead_threshold = decay, eps, dead_threshold
+        embedding = torch.randn(codebook_size, dim)
+        self.register_buffer("embedding", embedding)  # (K, D) the codes e_k
+        self.register_buffer("cluster_size", torch.ones(codebook_size))  # (K,) N_k; m_k / N_k = e_k from the start
+        self.register_buffer("embed_sum", embedding.clone())  # (K, D) m_k
+
+    @torch.no_grad()
+    def nearest(self, flat):
+        """(N, D) -> (N,) index of the nearest code: argmin_k ||e_k||^2 - 2 z . e_k (||z||^2 is the same for all k),
+        in float32 even under autocast, where near-ties would flip."""
+        off = (
+            torch.autocast(flat.device.type, enabled=False) if flat.device.type != "meta" else contextlib.nullcontext()
+        )
+        with off:  # (the meta device, where shapes are checked, has no autocast)
+            e = self.embedding
+            return torch.addmm(e.square().sum(1), flat.float(), e.T, alpha=-2.0).argmin(1)
+
+    @torch.no_grad()
+    def update(self, flat, indices):
+        """The EMA update (app. A.1) from this batch's vectors flat (N, D) and their codes (N,), then the dead-code
+        restart. Returns the number of codes restarted (a tensor, so no host sync)."""
+        flat = flat.float()
+        n = torch.bincount(indices, minlength=self.codebook_size).float()  # (K,) n_k
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)  # (K, D) sum of z_e assigned to k
+        self.cluster_size.lerp_(n, 1 - self.decay)  # N_k <- decay N_k + (1 - decay) n_k
+        self.embed_sum.lerp_(sums, 1 - self.decay)  # m_k <- decay m_k + (1 - decay) sums_k
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total  # Laplace
+        self.embedding.copy_(self.embed_sum / smoothed[:, None])  # e_k = m_k / N_k
+        dead = self.cluster_size < self.dead_threshold  # (K,)
+        # a candidate for every code, kept only where dead: no data-dependent branch; candidates may repeat
+        candidates = flat[torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)]  # (K, D)
+        self.embedding.copy_(torch.where(dead[:, None], candidates, self.embedding))
+        self.embed_sum.copy_(torch.where(dead[:, None], candidates, self.embed_sum))
+        self.cluster_size.masked_fill_(dead, 1.0)
+        return dead.sum()
+
+    def forward(self, z_e, update=None):
+        """z_e (B, D, *spatial) -> z_q (B, D, *spatial), aux (see VQVAE). update: run the EMA update and restarts
+        (default: in training mode); the codes used are those from before this step's update."""
+        flat = rearrange(z_e, "b d ... -> (b ...) d")  # (N, D)
+        indices = self.nearest(flat)
+        e = F.embedding(indices, self.embedding).to(flat.dtype)  # (N, D), a copy: the update does not change it
+        # commitment loss beta ||z_e - sg(e)||^2 (eq. 3, third term); the EMA replaces the codebook term
+        vq_loss = self.beta * F.mse_loss(flat, e)
+        update = self.training if update is None else update
+        dead = self.update(flat.detach(), indices) if update else torch.zeros((), device=z_e.device)
+        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # exp(entropy of the code use)
+        z_q = flat + (e - flat).detach()  # straight-through: forward gives e, backward passes the gradient to z_e
+        z_q = rearrange(z_q, "(b s) d -> b d s", b=z_e.shape[0]).reshape(z_e.shape)
+        indices = indices.view(z_e.shape[0], *z_e.shape[2:])
+        usage = (counts > 0).float().mean()
+        return z_q, {"vq_loss": vq_loss, "indices": indices, "perplexity": perplexity, "usage": usage, "dead": dead}
+
+
+class VQVAE(nn.Module):
+    """VQ-VAE (van den Oord et al. 2017, arXiv:1711.00937) on the LDM encoder/decoder trunk (the VQ-regularised
+    autoencoder of arXiv:2112.10752), with an EMA codebook (VectorQuantizerEMA).
+
+    latent_channels is the code dimension D. encode(x) gives the continuous encoder output z_e, where a latent
+    diffusion model works (as in LDM); decode(z) snaps z to its nearest codes first. forward(x) -> (x_hat, aux):
+    vq_loss (the commitment loss, add it to the reconstruction loss), indices (B, *latent_spatial), perplexity and
+    usage of the codebook in the batch, dead (codes restarted this step). factor as in KLVAE.
+    """
+
+    kind = "autoencoder"
+    PRESETS = {
+        "tiny": dict(channels=8, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, codebook_size=64),
+        "small": dict(channels=64, ch_mult=(1, 2, 2), num_res_blocks=2, latent_channels=4, codebook_size=512),
+        "base": dict(channels=128, ch_mult=(1, 2, 4), num_res_blocks=2, latent_channels=3, codebook_size=8192),  # VQ-f4
+    }
+
+    def __init__(
+        self,
+        dims=2,
+        in_channels=3,
+        out_channels=None,
+        channels=64,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        latent_channels=4,
+        factor=None,
+        attention=True,
+        heads=1,
+        codebook_size=512,
+        beta=0.25,
+        decay=0.99,
+        dead_threshold=0.01,
+        checkpointing=False,
+    ):
+        super().__init__()
+        self.factor = autoencoder_factor(dims, ch_mult, factor)
+        self.dims, self.in_channels, self.out_channels = dims, in_channels, out_channels or in_channels
+        self.latent_channels = latent_channels
+        widths = [channels * m for m in ch_mult]
+        # conv_out plays LDM's 1x1 quant conv (to the code dimension): a linear map after a linear map, folded away
+        self.encoder = LDMEncoder(dims, in_channels, latent_channels, widths, num_res_blocks, attention, heads)
+        self.quantizer = VectorQuantizerEMA(codebook_size, latent_channels, beta, decay, dead_threshold=dead_threshold)
+        self.decoder = LDMDecoder(dims, latent_channels, self.out_channels, widths, num_res_blocks, attention, heads)
+        self.encoder.checkpointing = self.decoder.checkpointing = checkpointing
+
+    @property
+    def last_layer(self):
+        return self.decoder.conv_out.weight
+
+    def encode(self, x):
+        check_autoencoder_input(self, x, self.in_channels, self.factor)
+        return self.encoder(x)
+
+    def decode(self, z):
+        check_autoencoder_input(self, z, self.latent_channels, 1)
+        return self.decoder(self.quantizer(z, update=False)[0])
+
+    def forward(self, x):
+        z_q, aux = self.quantizer(self.encode(x))
+        return self.decoder(z_q), aux
+
+
+def space_to_channel(x):
+    """(B, C, *spatial) -> (B, C * 2^dims, *spatial / 2): each 2 x ... x 2 block of positions becomes channels
+    (pixel unshuffle), channel c * 2^dims + offset."""
+    n = range(x.ndim - 2)
+    sides, offsets = " ".join(f"(s{i} r{i})" for i in n), " ".join(f"r{i}" for i in n)
+    return rearrange(x, f"b c {sides} -> b (c {offsets}) " + " ".join(f"s{i}" for i in n), **{f"r{i}": 2 for i in n})
+
+
+def channel_to_space(x):
+    """The inverse of space_to_channel: (B, C * 2^dims, *spatial) -> (B, C, *spatial * 2) (pixel shuffle)."""
+    n = range(x.ndim - 2)
+    sides, offsets = " ".join(f"(s{i} r{i})" for i in n), " ".join(f"r{i}" for i in n)
+    return rearrange(
+        x, f"b (c {offsets}) " + " ".join(f"s{i}" for i in n) + f" -> b c {sides}", **{f"r{i}": 2 for i in n}
+    )
+
+
+def channel_average(x, channels):
+    """(B, G * channels, ...) -> (B, channels, ...): the mean of each group of G consecutive channels."""
+    return rearrange(x, "b (c g) ... -> b c g ...", c=channels).mean(2)
+
+
+class ResidualDown(nn.Module):
+    """DC-AE's residual downsampling (Chen et al. 2024, arXiv:2410.10733, sec. 3.2, fig. 4): a stride-2 conv plus a
+    non-parametric shortcut, space-to-channel then the mean of channel groups down to c_out, so the block learns
+    only a residual on top of a lossless-ish rearrangement. The paper convolves to c_out / 2^dims channels and
+    unshuffles; the stride-2 conv has the same FLOPs and no divisibility constraint (departure)."""
+
+    def __init__(self, dims, c_in, c_out):
+        super().__init__()
+        if (c_in * 2**dims) % c_out:
+            raise ValueError(f"DC-AE shortcut: {c_in} channels x 2^{dims} do not split into {c_out} equal groups")
+        self.c_out, self.conv = c_out, conv_nd(dims, c_in, c_out, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + channel_average(space_to_channel(x), self.c_out)
+
+
+class ResidualUp(nn.Module):
+    """DC-AE's residual upsampling (sec. 3.2, fig. 4): nearest upsampling and a conv, plus the shortcut
+    channel-to-space of the input with each channel duplicated to make c_out * 2^dims channels."""
+
+    def __init__(self, dims, c_in, c_out):
+        super().__init__()
+        if (c_out * 2**dims) % c_in:
+            raise ValueError(f"DC-AE shortcut: {c_in} channels do not duplicate evenly to {c_out} x 2^{dims}")
+        self.repeats, self.conv = c_out * 2**dims // c_in, conv_nd(dims, c_in, c_out, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return h + channel_to_space(x.repeat_interleave(self.repeats, dim=1))
+
+
+def dcae_stage(dims, width, depth, attention, head_dim):
+    """One DC-AE level: depth ResBlocks, each after a self-attention block at attention levels. The paper's
+    EfficientViT block is ReLU linear attention + a GLU MBConv; softmax attention (SDPA) + a ResBlock here (departure:
+    coarse levels have few positions, so O(N^2) is cheap)."""
+    blocks = []
+    for _ in range(depth):
+        if attention:
+            blocks.append(SpatialAttention(width, max(1, width // head_dim), norm_groups(width)))
+        blocks.append(AEResBlock(dims, width, width))
+    return blocks
+
+
+class DCAE(nn.Module):
+    """Deep Compression Autoencoder (Chen et al. 2024, arXiv:2410.10733): factors of 32-64 by residual autoencoding.
+
+    Every resolution change adds a non-parametric space<->channel shortcut (ResidualDown / ResidualUp), and so do
+    the encoder's output (channel averaging to latent_channels) and the decoder's input (channel duplication), so
+    the deep network only learns residuals: what lets the paper train high compression without the loss in
+    reconstruction plain deep autoencoders show. Levels: ch_mult (factor = 2^(len - 1) as in KLVAE), depth blocks
+    per level (the paper's depth lists; its decoder is deeper, ours mirrors the encoder), attention at the levels
+    attn_levels marks. Deterministic: aux is {}. GroupNorm throughout (the paper uses RMSNorm / BatchNorm).
+    """
+
+    kind = "autoencoder"
+    PRESETS = {  # f32 / f64: the paper's dc-ae-f32c32 / f64c128 widths and encoder depths
+        "tiny": dict(
+            channels=8, ch_mult=(1, 2, 2), depth=(1, 1, 1), attn_levels=(False, False, True), latent_channels=4
+        ),
+        "small": dict(channels=32, ch_mult=(1, 2, 4, 4, 8, 8), depth=(0, 2, 2, 2, 2, 2), latent_channels=32),
+        "f32": dict(channels=128, ch_mult=(1, 2, 4, 4, 8, 8), depth=(0, 4, 8, 2, 2, 2), latent_channels=32),
+        "f64": dict(channels=128, ch_mult=(1, 2, 4, 4, 8, 8, 16), depth=(0, 4, 8, 2, 2, 2, 2), latent_channels=128),
+    }
+
+    def __init__(
+        self,
+        dims=2,
+        in_channels=3,
+        out_channels=None,
+        channels=128,
+        ch_mult=(1, 2, 4, 4, 8, 8),
+        depth=(0, 4, 8, 2, 2, 2),
+        attn_levels=None,
+        latent_channels=32,
+        factor=None,
+        head_dim=32,
+        checkpointing=False,
+    ):
+        super().__init__()
+        self.factor = autoencoder_factor(dims, ch_mult, factor)
+        self.dims, self.in_channels, self.out_channels = dims, in_channels, out_channels or in_channels
+        self.latent_channels, self.checkpointing = latent_channels, checkpointing
+        levels = len(ch_mult)
+        depth = (depth,) * levels if isinstance(depth, int) else tuple(depth)
+        attn_levels = tuple(level >= levels // 2 for level in range(levels)) if attn_levels is None else attn_levels
+        if len(depth) != levels or len(attn_levels) != levels:
+            raise ValueError(
+                f"depth {depth} and attn_levels {attn_levels} need one entry per level of ch_mult {ch_mult}"
+            )
+        widths = [channels * m for m in ch_mult]
+        if widths[-1] % latent_channels:
+            raise ValueError(f"latent_channels={latent_channels} must divide the last width {widths[-1]} (shortcuts)")
+        stages = [dcae_stage(dims, w, d, a, head_dim) for w, d, a in zip(widths, depth, attn_levels)]
+        self.conv_in = conv_nd(dims, in_channels, widths[0], 3, padding=1)
+        downs = [[ResidualDown(dims, widths[i], widths[i + 1])] for i in range(levels - 1)] + [[]]
+        self.down = nn.ModuleList([b for stage, down in zip(stages, downs) for b in stage + down])
+        self.enc_norm, self.enc_out = group_norm(widths[-1]), conv_nd(dims, widths[-1], latent_channels, 3, padding=1)
+
+        self.dec_in = conv_nd(dims, latent_channels, widths[-1], 3, padding=1)
+        stages = [dcae_stage(dims, w, d, a, head_dim) for w, d, a in zip(widths, depth, attn_levels)]
+        ups = [[]] + [[ResidualUp(dims, widths[i], widths[i - 1])] for i in range(1, levels)]
+        self.up = nn.ModuleList([b for i in reversed(range(levels)) for b in stages[i] + ups[i]])
+        self.dec_norm, self.dec_out = group_norm(widths[0]), conv_nd(dims, widths[0], self.out_channels, 3, padding=1)
+
+    @property
+    def last_layer(self):
+        return self.dec_out.weight
+
+    def encode(self, x):
+        check_autoencoder_input(self, x, self.in_channels, self.factor)
+        h = run_blocks(self.down, self.conv_in(x), self.checkpointing)
+        return self.enc_out(F.silu(self.enc_norm(h))) + channel_average(h, self.latent_channels)  # output shortcut
+
+    def decode(self, z):
+        check_autoencoder_input(self, z, self.latent_channels, 1)
+        h = self.dec_in(z) + z.repeat_interleave(self.dec_in.out_channels // self.latent_channels, dim=1)
+        h = run_blocks(self.up, h, self.checkpointing)
+        return self.dec_out(F.silu(self.dec_norm(h)))
+
+    def forward(self, x):
+        return self.decode(self.encode(x)), {}
+
+
+class PatchGAN(nn.Module):
+    """PatchGAN discriminator (Isola et al. 2017, arXiv:1611.07004, sec. 3.2.2; the LDM autoencoders' discriminator).
+
+    Each output logit judges one patch of the input (70 x 70 pixels at n_layers=3): an adversarial loss on local
+    texture, restoring the high frequencies a pixel-wise reconstruction loss blurs. 4-wide convs: n_layers with
+    stride 2, then two with stride 1, so x (B, C, *spatial) -> logits (B, 1, *[s // 2^n_layers - 2]). GroupNorm
+    instead of the paper's BatchNorm (departure: independent of the batch, so DDP and tiny batches behave).
+    """
+
+    kind = "discriminator"
+    PRESETS = {"tiny": dict(channels=8, n_layers=2), "base": dict(channels=64, n_layers=3)}  # base: pix2pix / LDM
+
+    def __init__(self, dims=2, in_channels=3, channels=64, n_layers=3):
+        super().__init__()
+        if dims not in (1, 2, 3):
+            raise ValueError(f"dims={dims}: choose 1 (signals), 2 (images) or 3 (volumes)")
+        self.dims, self.in_channels, self.n_layers = dims, in_channels, n_layers
+        layers, c = [conv_nd(dims, in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)], channels
+        for n in range(1, n_layers + 1):
+            c_out = channels * min(2**n, 8)
+            conv = conv_nd(dims, c, c_out, 4, stride=2 if n < n_layers else 1, padding=1, bias=False)
+            layers += [conv, group_norm(c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        self.net = nn.Sequential(*layers, conv_nd(dims, c, 1, 4, stride=1, padding=1))
+        for m in self.net:
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                nn.init.normal_(m.weight, 0.0, 0.02)  # pix2pix's initialisation
+
+    def forward(self, x):
+        if x.ndim != self.dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"PatchGAN(dims={self.dims}) expects (B, {self.in_channels}, *spatial), got {tuple(x.shape)}"
+            )
+        if any(s // 2**self.n_layers < 3 for s in x.shape[2:]):
+            raise ValueError(
+                f"PatchGAN(n_layers={self.n_layers}): input size {tuple(x.shape[2:])} is below {3 * 2**self.n_layers}"
+            )
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1629,6 +2151,10 @@ MODELS = {  # name -> class; each class has a PRESETS dict with at least "tiny"
     "localmamba": LocalMamba,
     "mmdit": MMDiT,
     "arc": ArcDenoiser,
+    "klvae": KLVAE,
+    "vqvae": VQVAE,
+    "dcae": DCAE,
+    "patchgan": PatchGAN,
 }
 
 

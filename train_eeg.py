@@ -12,6 +12,7 @@ capped at 0.999, condition dropout 0.1, Euler 25 steps with guidance 2.5.
     OMP_NUM_THREADS=1 python train_eeg.py window=256 classes=health model=hdit size=tiny width=64 patch=4 \\
         lr=5e-4 warmup=100 ema_start=100 batch_size=32 max_steps=3000 out_dir=runs/eeg_cpu   # the README's CPU check
     python evaluate.py runs/eeg                                # FD/KID-EffNet, PSD distance, class fidelity, EDF
+    python train_eeg.py latent=runs/vae_eeg                    # latent diffusion in a train_vae.py data=eeg autoencoder
 
 Data: a BIDS root (read with mne-bids) or a folder of recordings MNE reads (EDF, BDF, EEGLAB .set, BrainVision,
 FIF) plus a participants table (subject, sex, age, health). The default is the bundled real demo: two subjects of
@@ -58,6 +59,7 @@ RESOLUTION: common.bounds("8..1024") = 64  # spectrogram image side (log-frequen
 STFT_WINDOW: common.bounds("> 0 or -1") = -1  # Hann length in samples; -1 WINDOW // 4 - 1 (511 at 2048)
 TS_LAYOUT: common.choices("image", "1d") = "image"  # timeseries: a 1 x 20 x WINDOW image, or 20-channel 1D input
 CLASSES: common.choices("sex-health", "health", "sex") = "sex-health"  # what a class id means (cond=class)
+LATENT = ""  # "" model space | a train_vae.py run (data=eeg, same variant): diffuse in its latent space (cached)
 # model
 MODEL: common.choices("dit", "hdit", "localmamba", "mmdit", "unet") = "hdit"  # backbone
 SIZE = ""  # preset in models.py; "" per backbone: dit S, hdit eeg, localmamba eeg, mmdit S, unet small
@@ -1008,6 +1010,11 @@ def condition_table(data, config, device):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def model_shape(config):
+    """(C, *spatial) the network sees: input_shape, or the autoencoder's latent shape in a latent run."""
+    return tuple(config.get("sample_shape") or input_shape(config))
+
+
 def input_shape(config):
     """(C, *spatial) of one model input: (1 or 3, R, R) for spectrograms, (1, 20, W) or (20, W) for time series."""
     if config["variant"] != "timeseries":
@@ -1033,7 +1040,7 @@ def parse_patch(patch, dims, variant):
 def model_kwargs(config, n_classes):
     """What models.make_model needs beyond name and preset, from the resolved config (stored with every
     checkpoint, so evaluate.py rebuilds the network from it alone)."""
-    shape = input_shape(config)
+    shape = model_shape(config)
     kw = {"in_channels": shape[0], "dims": len(shape) - 1}
     if config["model"] != "unet":
         kw["patch"] = list(parse_patch(config["patch"], kw["dims"], config["variant"]))  # a list: JSON round trip
@@ -1083,11 +1090,12 @@ def check_shapes(config):
             cond["context"] = torch.zeros(1, 4 if config["model"] == "mmdit" else 1, _TEXT_DIM)
             if config["model"] == "mmdit":
                 cond["vector"] = torch.zeros(1, _TEXT_DIM)
-        shape = input_shape(config)
+        shape = model_shape(config)
         try:
             model(torch.zeros(1, *shape), torch.zeros(1), cond=None if config["cond"] == "none" else cond)
         except (ValueError, RuntimeError) as e:
             what = f"variant={config['variant']}" + (f" ts_layout={config['ts_layout']}" * (len(shape) == 2))
+            what += f" (the latent of {config['latent']})" if config.get("latent") else ""
             common.die(f"model={config['model']} cannot take {what} input {tuple(shape)}: {common.error_detail(e)}")
 
 
@@ -1114,12 +1122,13 @@ def training_loss(model, x0, idx, conds, config, schedule, gen):
 
 
 @torch.no_grad()
-def generate(model, conds, idx, seeds, config, guidance, steps):
+def generate(model, conds, idx, seeds, config, guidance, steps, ae=None):
     """Euler on the probability-flow ODE (the rectified-flow sampler), `steps` steps, guidance at `guidance`, for
-    the conditions of windows `idx` (B,) and noise seeded per sample by `seeds` -> (B, ...) on the model's device."""
+    the conditions of windows `idx` (B,) and noise seeded per sample by `seeds` -> model-space samples (B, ...) on
+    the model's device; in a latent run the latents are decoded by the autoencoder `ae`."""
     device = next(model.parameters()).device
     schedule = common.Schedule("flow")
-    noise = common.seeded_noise(seeds, input_shape(config), device)
+    noise = common.seeded_noise(seeds, model_shape(config), device)
     idx = torch.as_tensor(idx, device=device)
     if config["cond"] == "none":
         fn = lambda x, t: model(x, t)
@@ -1129,7 +1138,16 @@ def generate(model, conds, idx, seeds, config, guidance, steps):
         c, u = make_cond(conds, idx, no_drop, config), make_cond(conds, idx, all_drop, config)
         fn = common.cfg_model(model, c, u, guidance)
     denoise = common.make_denoiser(fn, schedule, "flow")
-    return common.sample("euler", denoise, noise, steps, schedule)
+    return decoded(common.sample("euler", denoise, noise, steps, schedule), ae, config)
+
+
+def decoded(x, ae, config):
+    """Sampled tensors -> model space: as they are, or latents decoded (latent / scale) by the autoencoder `ae`."""
+    if ae is None:
+        return x
+    import train_vae  # here, not at the top: train_vae imports this module
+
+    return train_vae.decode(ae, x, config["latent_space"]["scale"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1193,9 +1211,10 @@ def plot_bands(groups, png_path, title):
 
 
 @torch.no_grad()
-def diagnostics(ema_model, data, conds, config, out_dir, step):
+def diagnostics(ema_model, data, conds, config, out_dir, step, ae=None):
     """Per class: GRID_COLS generated samples beside as many real training windows of that class (conditions taken
-    from those windows); band power of generated vs real per class; training loss by noise level."""
+    from those windows); band power of generated vs real per class; training loss by noise level. In a latent run
+    the samples are decoded by the autoencoder `ae` first."""
     prefix = os.path.join(out_dir, "samples", f"step_{step:07d}")
     train = np.flatnonzero(data.split == "train")
     present = data.present[train].any(0)
@@ -1205,7 +1224,7 @@ def diagnostics(ema_model, data, conds, config, out_dir, step):
         if len(members) == 0:
             continue
         idx = members[np.linspace(0, len(members) - 1, cols).round().astype(int)]
-        fake = generate(ema_model, conds, idx, range(len(idx)), config, config["guidance"], config["sample_steps"])
+        fake = generate(ema_model, conds, idx, range(len(idx)), config, config["guidance"], config["sample_steps"], ae)
         real = data.x[idx]
         rows += [pictures(fake, config, data.stats), pictures(real, config, data.stats)]
         bands[f"{name}: generated"] = band_table(*power_spectra(fake, config, data.stats), present)
@@ -1218,6 +1237,46 @@ def diagnostics(ema_model, data, conds, config, out_dir, step):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Latent diffusion (LATENT): the windows through a train_vae.py autoencoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def data_settings(config):
+    """The data settings an autoencoder must share with the run: variant, window, sfreq, and resolution and
+    stft_window (spectrograms) or ts_layout (time series)."""
+    keys = ("ts_layout",) if config["variant"] == "timeseries" else ("resolution", "stft_window")
+    return {k: config[k] for k in ("variant", "window", "sfreq", *keys)}
+
+
+def open_autoencoder(config):
+    """The autoencoder of the run config["latent"], checked against this run's data settings before any work; it
+    sets config["sample_shape"] to its latent shape and config["latent_id"] (resume refuses another autoencoder).
+    -> (ae on the CPU, its config, its folder)."""
+    import train_vae  # here, not at the top: train_vae imports this module
+
+    expect = {"data": "eeg", "input_shape": input_shape(config), **data_settings(config)}
+    ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(config["latent"], "cpu", expect)
+    config.update(sample_shape=list(train_vae.latent_shape(ae, input_shape(config))), latent_id=latent_id)
+    return ae, ae_config, ae_dir
+
+
+def latent_windows(ae, ae_config, ae_dir, data, config, run, out_dir):
+    """The scaled latents (N, c, ...) of every window (all splits, data.x's order), encoded once and cached in
+    out_dir/latents.safetensors (rebuilt when the autoencoder or the windows change); config["latent_space"] gets
+    the autoencoder's description and the scale."""
+    import train_vae
+
+    settings = {**data_settings(config), **{k: config[k] for k in ("overlap", "split_by", "seed")}}  # seed: the split
+    what = "eeg " + " ".join(f"{k}={v}" for k, v in settings.items())
+    path, wait = os.path.join(out_dir, "latents.safetensors"), run.accelerator.wait_for_everyone
+    latents, scale = train_vae.latent_cache(
+        ae, config["latent_id"], data.x, lambda chunk: chunk.float(), path, what, 64, run.device, run.is_main, wait
+    )
+    config["latent_space"] = train_vae.latent_info(ae_config, ae_dir, config["latent_id"], scale, latents.shape[1:])
+    return latents
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1225,11 +1284,19 @@ def diagnostics(ema_model, data, conds, config, out_dir, step):
 def main(argv):
     config = common.apply_overrides(globals(), argv)
     config.update(script="train_eeg", size=SIZE or _DEFAULT_SIZE[MODEL], data=DATA or _DEMO)
+    config["sample_shape"], ae = list(input_shape(config)), None
+    if LATENT:  # the autoencoder is checked against this run before anything else happens
+        ae, ae_config, ae_dir = open_autoencoder(config)
     config["model_kw"] = model_kwargs(config, 4)  # the class count is known after reading; 4 checks the shapes
     check_shapes(config)
     run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
     data = prepare(config, config["data"], verbose=run.is_main)  # one process builds the cache, the others wait
-    train = np.flatnonzero(data.split == "train")
+    train, source, attached = np.flatnonzero(data.split == "train"), data.x, None  # source: what the network learns
+    if LATENT:  # every window encoded once, the network learns their latents, every checkpoint carries the autoencoder
+        import train_vae  # here, not at the top: train_vae imports this module
+
+        ae = ae.to(run.device)
+        source, attached = latent_windows(ae, ae_config, ae_dir, data, config, run, OUT_DIR), train_vae.attached(ae)
     config.update(stats=data.stats, class_names=data.names, channels=list(_TARGET_CHANNELS))
     config["model_kw"] = model_kwargs(config, len(data.names))
     conds = condition_table(data, config, run.device)
@@ -1248,7 +1315,9 @@ def main(argv):
     describe = (
         f"EEG {config['data']}: {len(data.meta)} windows of {WINDOW} at {SFREQ:g} Hz from "
         f"{data.meta['subject'].nunique()} subjects, split by {data.stats['split_by']} {counts}; {VARIANT} "
-        f"{tuple(data.x.shape[1:])}; {MODEL} {config['size']}, cond={COND}"
+        f"{tuple(data.x.shape[1:])}"
+        + (f" -> latent {tuple(source.shape[1:])} of {LATENT}" if LATENT else "")
+        + f"; {MODEL} {config['size']}, cond={COND}"
         + (f" over {len(data.names)} classes ({', '.join(data.names)})" if "class" in COND else "")
     )
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
@@ -1263,7 +1332,7 @@ def main(argv):
         for m in range(GRAD_ACCUM):
             gen = common.step_generator(run, SEED, step, m)  # t, noise, condition dropout; dropout
             idx = batch[(m * run.world + run.rank) * run.micro :][: run.micro]
-            x0 = data.x[idx].to(run.device)
+            x0 = source[idx].to(run.device)
             with common.micro_step(run, model, m, GRAD_ACCUM):
                 loss, per_sample, t = training_loss(model, x0, idx.to(run.device), conds, config, schedule, gen)
                 run.accelerator.backward(loss / GRAD_ACCUM)
@@ -1277,12 +1346,12 @@ def main(argv):
         if SAMPLE_EVERY > 0 and (step % SAMPLE_EVERY == 0 or step == MAX_STEPS):
             common.check_finite(run)
             if run.is_main:
-                prefix = diagnostics(ema.model, data, conds, config, OUT_DIR, step)
+                prefix = diagnostics(ema.model, data, conds, config, OUT_DIR, step, ae)
                 print(f"step {step}: diagnostics from EMA weights in {prefix}_*.png", flush=True)
             run.accelerator.wait_for_everyone()
         if step % CKPT_EVERY == 0 or step == MAX_STEPS:
-            common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
-    common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS)
+            common.checkpoint(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS, attached=attached)
+    common.finish(run, step, raw, ema.model, optimizer, config, KEEP_CKPTS, attached=attached)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1353,7 +1422,8 @@ def evaluate(model, config, opts, out_dir):
     """Sample N_SAMPLES windows from a rebuilt train_eeg network with the conditions of held-out windows, and score
     them against those held-out windows: FD/KID-EffNet on (spectrogram) images, PSD distance and band-power errors,
     class fidelity of a classifier trained on real training windows, the memorisation check, and (time series)
-    EEG files. -> (result dict, [(path, what it holds)])."""
+    EEG files. A latent run's samples are decoded first by the autoencoder saved beside the checkpoint; every score
+    is taken in model space. -> (result dict, [(path, what it holds)])."""
     check_eval_options(opts, config)
     device = next(model.parameters()).device
     guidance = opts["guidance"] if opts["guidance"] != -1 else config["guidance"]
@@ -1367,16 +1437,18 @@ def evaluate(model, config, opts, out_dir):
     common.check(len(held) >= 2, f"the {opts['split']} split has {len(held)} windows; score against the other split")
     present = data.present[train].any(0)
     extract = common.EffNetFeatures(device)  # loaded first: a missing package stops before sampling
+    ae = None
+    if config.get("latent_space"):  # the autoencoder travels with the checkpoint; samples are decoded by it
+        import train_vae  # here, not at the top: train_vae imports this module
+
+        ae = train_vae.attached_autoencoder(opts["checkpoint"], config, device)
     conds, n, t0 = condition_table(data, config, device), opts["n_samples"], time.time()
     asked = held[np.arange(n) % len(held)]  # sample i: the conditions of held-out window i % n_held
-    fake = torch.cat(
-        [
-            generate(
-                model, conds, asked[s : s + opts["batch"]], range(s, min(n, s + opts["batch"])), config, guidance, steps
-            ).cpu()
-            for s in common.progress_bar(range(0, n, opts["batch"]), desc="sampling")
-        ]
-    )
+    fake = []
+    for s in common.progress_bar(range(0, n, opts["batch"]), desc="sampling"):
+        seeds = range(s, min(n, s + opts["batch"]))
+        fake.append(generate(model, conds, asked[s : s + opts["batch"]], seeds, config, guidance, steps, ae).cpu())
+    fake = torch.cat(fake)
     result = {"n_samples": n, "n_heldout": len(held), "split": opts["split"], "data": opts["data"] or config["data"]}
     result.update(guidance=guidance, steps=steps, sampling_s=round(time.time() - t0, 1))
     ref = {"features": common.features(extract, pictures(data.x[held], config, data.stats), opts["batch"])}

@@ -449,8 +449,10 @@ def main(argv):
         lr = common.lr_at(step, LR, WARMUP, kind="constant")
         grad_norm = common.optimizer_step(run, step, model, optimizer, lr, CLIP, loss)
         if gan_on:  # the discriminator's step on the same batch (hinge loss)
-            with run.accelerator.autocast():
-                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
+            disc_opt.zero_grad(set_to_none=True)  # drop what the autoencoder's adversarial term left there
+            with run.accelerator.autocast():  # one forward of real and fake (per-sample GroupNorm: the same as two)
+                real_logits, fake_logits = disc(torch.cat([x, x_hat.detach()])).chunk(2)
+                d_loss = hinge_d_loss(real_logits, fake_logits)
             run.accelerator.backward(d_loss)
             run.accelerator.clip_grad_norm_(disc.parameters(), CLIP)
             for group in disc_opt.param_groups:

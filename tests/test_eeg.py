@@ -217,3 +217,164 @@ def test_empty_folder_and_missing_table(tmp_path):
     empty.mkdir()
     r = run(["train_eeg.py", f"data={empty}", "window=256", f"out_dir={tmp_path / 'a'}", f"cache_dir={tmp_path / 'c'}"])
     assert one_line_error(r) and str(empty) in r.stderr, r.stderr[-1500:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent diffusion: latent= a train_vae.py data=eeg run
+# ----------------------------------------------------------------------------------------------------------------
+
+LATENT_DATA = {  # the data settings of each autoencoder kind: 2D db-only spectrograms, 1D 20-channel series
+    "db-only": ["window=256", "resolution=16"],
+    "timeseries-1d": ["window=256", "variant=timeseries", "ts_layout=1d"],
+}
+
+
+@pytest.fixture(scope="module")
+def eeg_cache(tmp_path_factory):
+    """One preprocessed-window cache for the autoencoders and the latent runs (the windows do not depend on seed)."""
+    return str(tmp_path_factory.mktemp("latent_cache"))
+
+
+@pytest.fixture(scope="module")
+def autoencoders(tmp_path_factory, eeg_cache):
+    """A tiny KL-VAE per (data kind, seed) trained for 2 steps by train_vae.py, the PatchGAN on from step 1."""
+    root, made = tmp_path_factory.mktemp("vae"), {}
+
+    def get(kind, seed=0):
+        if (kind, seed) not in made:
+            out = root / f"{kind}-{seed}"
+            r = run(
+                ["train_vae.py", "data=eeg", "model=klvae", "size=tiny", *LATENT_DATA[kind], "perceptual_weight=0"]
+                + ["gan_start=1", "disc_layers=2", "batch_size=4", "max_steps=2", "sample_every=-1", f"seed={seed}"]
+                + [f"out_dir={out}", f"cache_dir={eeg_cache}"]
+            )
+            assert r.returncode == 0, r.stderr[-2000:]
+            made[kind, seed] = out
+        return made[kind, seed]
+
+    return get
+
+
+def latent_cmd(out, ae, kind, cache, *extra):
+    return [
+        "train_eeg.py",
+        f"latent={ae}",
+        *LATENT_DATA[kind],
+        "model=dit",
+        "size=tiny",
+        "classes=health",
+        "batch_size=8",
+        "log_every=2",
+        "warmup=0",
+        "ema_start=0",
+        f"out_dir={out}",
+        f"cache_dir={cache}",
+        *extra,
+    ]
+
+
+def test_generate_decodes_latents():
+    """generate() with an autoencoder samples in its latent shape and returns decoded model-space windows."""
+    import models
+    import train_vae
+
+    config = base_config(model="dit", window=256, resolution=16, label_drop=0.0, guidance=1.0)
+    torch.manual_seed(0)
+    ae = models.make_model("klvae", "tiny", dims=2, in_channels=1).eval()
+    config["sample_shape"] = list(train_vae.latent_shape(ae, train_eeg.input_shape(config)))
+    config["latent_space"] = {"scale": 2.0}
+    config["model_kw"] = train_eeg.model_kwargs(config, 2)
+    assert config["model_kw"]["in_channels"] == ae.latent_channels and config["sample_shape"][1:] == [4, 4]
+    model = train_eeg.build_model(config).eval()
+    conds = {"class": torch.tensor([0, 1, 1])}
+    x = train_eeg.generate(model, conds, [0, 1, 2], range(3), config, 1.0, 2, ae)
+    assert x.shape == (3, 1, 16, 16) and torch.isfinite(x).all()
+    z = train_eeg.generate(model, conds, [0, 1, 2], range(3), config, 1.0, 2)  # the same latents, not decoded
+    assert z.shape == (3, *config["sample_shape"])
+    assert torch.allclose(x, ae.decode(z / 2.0), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(LATENT_DATA))
+def test_latent_train_resume_evaluate(tmp_path, autoencoders, eeg_cache, kind):
+    ae = autoencoders(kind)
+    latent = "(4, 4, 4)" if kind == "db-only" else "(4, 64)"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = run(latent_cmd(straight, ae, kind, eeg_cache, "max_steps=4", "ckpt_every=4", "sample_every=4"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"-> latent {latent}" in r.stdout and "latent cache" in r.stdout  # the windows encoded once
+    assert os.path.isfile(straight / "samples" / "step_0000004_grid.png")  # decoded samples beside real ones
+    assert os.path.isfile(straight / "samples" / "step_0000004_bands.png")
+    ckpt = straight / "step_0000004"
+    assert os.path.isfile(ckpt / "autoencoder.safetensors")  # the autoencoder travels with the checkpoint
+    config = common.load_config(str(ckpt))
+    assert config["latent_space"]["shape"] == config["sample_shape"] and config["model_kw"]["in_channels"] == 4
+    assert (
+        run(latent_cmd(resumed, ae, kind, eeg_cache, "max_steps=2", "ckpt_every=2", "sample_every=-1")).returncode == 0
+    )
+    r = run(latent_cmd(resumed, ae, kind, eeg_cache, "max_steps=4", "ckpt_every=2", "sample_every=-1", "resume=auto"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "latent cache" not in r.stdout  # the resumed run reads the cache it built
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "step_0000004" / "ema.safetensors")) for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a), "2 + 2 resumed steps differ from 4 straight steps"
+    r = run(
+        ["evaluate.py", str(straight), "n_samples=8", "batch=8", "sample_steps=3", "classifier_steps=20"]
+        + ["n_files=2"]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(ckpt / "eval.json") as f:
+        result = json.load(f)
+    for key in ("FD-EffNet", "KID-EffNet", "PSD_dB", "noise_PSD_dB", "class_acc_generated", "nn_ratio"):
+        assert np.isfinite(result[key]), key
+    assert os.path.isfile(ckpt / "eval_samples.png")
+    if kind == "timeseries-1d":  # decoded to z-scored series, de-normalised: the two present channels
+        generated = np.load(ckpt / "generated_eeg" / "generated_uv.npy")
+        assert generated.shape == (2, 2, 256) and np.isfinite(generated).all()
+        assert len(glob.glob(str(ckpt / "generated_eeg" / "sample_*.edf"))) == 2
+
+
+@pytest.mark.parametrize(
+    "kind,args,needle",
+    [
+        ("db-only", ["window=256", "variant=timeseries"], "variant='db-only'"),  # (1, 20, 256): the same kind of shape
+        ("db-only", ["window=256", "resolution=16", "variant=db-iq"], "1-channel 2D inputs"),
+        ("db-only", ["window=512", "resolution=16"], "window=256"),
+        ("db-only", ["window=256", "resolution=32"], "resolution=16"),
+        ("timeseries-1d", ["window=256", "variant=timeseries"], "20-channel 1D inputs"),  # ts_layout=image
+        ("/nonexistent/vae", ["window=256", "resolution=16"], "/nonexistent/vae"),
+        pytest.param(
+            "diffusion",
+            ["window=256", "resolution=16"],
+            "train_eeg checkpoint, not an autoencoder",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_latent_bad_input_is_one_line(tmp_path, autoencoders, eeg_cache, kind, args, needle):
+    """An autoencoder of other data settings, a missing run or a diffusion run as latent= stop with one line."""
+    latent = autoencoders(kind) if kind in LATENT_DATA else kind
+    if kind == "diffusion":  # a train_eeg.py checkpoint (model space) given as the autoencoder
+        latent = tmp_path / "diffusion"
+        r = run(latent_cmd(latent, "", "db-only", eeg_cache, "max_steps=0", "sample_every=-1"))
+        assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "run"
+    r = run(["train_eeg.py", f"latent={latent}", "model=dit", "size=tiny", "max_steps=1", f"out_dir={out}", *args])
+    assert one_line_error(r), r.stderr[-1500:]
+    assert needle in r.stderr, r.stderr[-1500:]
+    assert not os.path.exists(out / "config.json")  # stopped before any work
+
+
+@pytest.mark.slow
+def test_latent_cache_follows_the_autoencoder(tmp_path, autoencoders, eeg_cache):
+    """Another autoencoder (another seed) in the same out_dir rebuilds the latent cache, saying so; resuming a run
+    with another autoencoder than it was trained in is refused with one line."""
+    first, second, out = autoencoders("db-only"), autoencoders("db-only", seed=1), tmp_path / "run"
+    r = run(latent_cmd(out, first, "db-only", eeg_cache, "max_steps=1", "sample_every=-1"))
+    assert r.returncode == 0 and "rebuilding" not in r.stdout, r.stderr[-2000:]
+    r = run(latent_cmd(out, second, "db-only", eeg_cache, "max_steps=2", "sample_every=-1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "was built from another autoencoder; rebuilding" in r.stdout
+    r = run(latent_cmd(out, first, "db-only", eeg_cache, "max_steps=3", "sample_every=-1", "resume=auto"))
+    assert one_line_error(r) and "latent_id" in r.stderr, r.stderr[-1500:]

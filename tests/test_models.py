@@ -53,7 +53,8 @@ ZERO_AT_INIT = {
     "mmdit",
 }  # zero-initialised output layer (UNet conv, DiT / MMDiT adaLN-Zero, HDiT)
 IMAGE = ["unet", "dit", "uvit", "hdit", "localmamba", "mmdit"]  # the backbones that take the shared cond contract
-PARAMS = [(name, i) for name in models.MODELS for i in range(len(CASES.get(name, [None])))]
+DENOISERS = [name for name, cls in models.MODELS.items() if getattr(cls, "kind", "denoiser") == "denoiser"]
+PARAMS = [(name, i) for name in DENOISERS for i in range(len(CASES.get(name, [None])))]  # autoencoders: own tests
 
 
 def perturb(model):
