@@ -468,8 +468,9 @@ def main(argv):
             extra_log["code_use"] = float((codes > 0).float().mean())
             if run.is_main and extra_log["code_use"] < 0.1:
                 print(
-                    f"warning: the VQ codebook is collapsing: {int((codes > 0).sum())} of {len(codes)} codes "
-                    f"({extra_log['code_use']:.1%}) used in the last {LOG_EVERY} steps; lower lr= or codebook_size=",
+                    f"warning: only {int((codes > 0).sum())} of {len(codes)} VQ codes ({extra_log['code_use']:.1%}) "
+                    f"were used in the last {LOG_EVERY} steps: the codebook is collapsing or larger than the data "
+                    "needs; lower lr= or codebook_size=",
                     file=sys.stderr,
                     flush=True,
                 )

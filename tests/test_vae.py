@@ -71,6 +71,7 @@ def test_train_vae_writes_checkpoint_diagnostics_and_disc_state(ae_run):
     assert os.path.isfile(os.path.join(ae_run, "samples", "step_0000002_latents.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vqvae", "dcae"])
 def test_other_autoencoders_train(photos, tmp_path, model):
     extra = ["image_size=64"] if model == "dcae" else []  # DC-AE's tiny preset downsamples further
@@ -79,10 +80,16 @@ def test_other_autoencoders_train(photos, tmp_path, model):
     if model == "vqvae":
         import json
 
+        assert "VQ codes" not in proc.stderr
+        # 4096 codes for 4 x 8 x 8 latent vectors a step: at most 6% can be used, which is warned about with the figure
+        many = train_ae(photos, str(tmp_path / "many"), "model=vqvae", "perceptual_weight=0", "codebook_size=4096")
+        assert "warning: only" in many.stderr and "of 4096 VQ codes" in many.stderr
+
         records = [json.loads(line) for line in open(tmp_path / model / "log.jsonl")]
         assert "perplexity" in records[-1] and 0 < records[-1]["code_use"] <= 1
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise(photos, tmp_path):
     """4 straight steps == 2, then 2 more resumed (autoencoder, EMA and discriminator)."""
     from safetensors.torch import load_file
@@ -115,6 +122,7 @@ def test_evaluate_scores_reconstructions(ae_run, tmp_path):
     assert os.path.isfile(os.path.join(out, "eval_recon.png"))
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line(photos, tmp_path):
     cases = [
         (["variant=db-iq"], "unknown key"),  # an EEG option with data=stl10
@@ -214,6 +222,7 @@ def test_latent_cache_says_why_it_rebuilds(tmp_path, capsys):
     assert "other data" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_latent_bad_inputs_are_one_line(photos, ae_run, tmp_path):
     diffusion = str(tmp_path / "diffusion")
     train_latent(photos, diffusion, ae_run, "sample_every=-1")
