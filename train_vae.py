@@ -549,10 +549,18 @@ def evaluate(model, config, opts, out_dir):
         )
     result["latent_shape"] = list(z.shape[1:])
     result["latent_std"] = float(z.std())
+    files = []
+    if dcfg["data_name"] == "mri" and dcfg["dims"] == 3:  # the first volume and its reconstruction, for a viewer
+        pick = int(common.subset(len(held), opts["n_samples"])[0])
+        affine = train_mri.sample_affine(extra["info"][pick], dcfg)
+        for name, v in (("original", x[0, 0]), ("reconstruction", recon[0, 0].clamp(-1, 1))):
+            path = os.path.join(out_dir, f"eval_{name}.nii.gz")
+            train_mri.write_nifti(path, (v + 1) / 2, affine)
+            files.append((path, f"held-out volume {extra['info'][pick]['subject']}: {name}, in [0, 1]"))
     path = os.path.join(out_dir, "eval_recon.png")
     n = min(16, len(x))
     common.save_image_grid(torch.cat([pictures(x[:n], dcfg, extra), pictures(recon[:n], dcfg, extra)]), path, nrow=n)
-    return result, [(path, f"{n} held-out samples (top) and their reconstructions (bottom)")]
+    return result, [(path, f"{n} held-out samples (top) and their reconstructions (bottom)"), *files]
 
 
 # ----------------------------------------------------------------------------------------------------------------
