@@ -559,7 +559,10 @@ def evaluate(model, config, opts, out_dir):
             files.append((path, f"held-out volume {extra['info'][pick]['subject']}: {name}, in [0, 1]"))
     path = os.path.join(out_dir, "eval_recon.png")
     n = min(16, len(x))
-    common.save_image_grid(torch.cat([pictures(x[:n], dcfg, extra), pictures(recon[:n], dcfg, extra)]), path, nrow=n)
+    show = torch.linspace(0, len(x) - 1, n).round().long()  # spread over the set (a split may be sorted by class)
+    common.save_image_grid(
+        torch.cat([pictures(x[show], dcfg, extra), pictures(recon[show], dcfg, extra)]), path, nrow=n
+    )
     return result, [(path, f"{n} held-out samples (top) and their reconstructions (bottom)"), *files]
 
 
