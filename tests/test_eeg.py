@@ -340,10 +340,10 @@ def test_latent_train_resume_evaluate(tmp_path, autoencoders, eeg_cache, kind):
     [
         ("db-only", ["window=256", "variant=timeseries"], "variant='db-only'"),  # (1, 20, 256): the same kind of shape
         ("db-only", ["window=256", "resolution=16", "variant=db-iq"], "1-channel 2D inputs"),
-        ("db-only", ["window=512", "resolution=16"], "window=256"),
-        ("db-only", ["window=256", "resolution=32"], "resolution=16"),
+        pytest.param("db-only", ["window=512", "resolution=16"], "window=256", marks=pytest.mark.slow),
+        pytest.param("db-only", ["window=256", "resolution=32"], "resolution=16", marks=pytest.mark.slow),
         ("timeseries-1d", ["window=256", "variant=timeseries"], "20-channel 1D inputs"),  # ts_layout=image
-        ("/nonexistent/vae", ["window=256", "resolution=16"], "/nonexistent/vae"),
+        pytest.param("/nonexistent/vae", ["window=256", "resolution=16"], "/nonexistent/vae", marks=pytest.mark.slow),
         pytest.param(
             "diffusion",
             ["window=256", "resolution=16"],

@@ -300,8 +300,8 @@ def test_latent_3d_trains_and_evaluates(study, tmp_path):
         (["latent={ae}"], "needs space=latent"),
         (["space=latent", "latent={diffusion}"], "not an autoencoder"),
         (["space=latent", "latent={ae}", "mode=seg"], "mode='bravo'"),
-        (["space=latent", "latent={ae}", "dims=3", "crop=(16,32,32)"], "2D inputs"),
-        (["space=latent", "latent={ae}", "image_size=64"], "image_size=32"),
+        pytest.param(["space=latent", "latent={ae}", "dims=3", "crop=(16,32,32)"], "2D inputs", marks=pytest.mark.slow),
+        pytest.param(["space=latent", "latent={ae}", "image_size=64"], "image_size=32", marks=pytest.mark.slow),
     ],
 )
 def test_latent_bad_input_is_one_line(study, autoencoder, tmp_path, args, needle):
