@@ -5,6 +5,7 @@
     python bench.py models       # image backbones: train / sample samples/s and peak memory
     python bench.py scaling      # HDiT, LocalMamba and DiT step time and memory against the number of tokens
     python bench.py mri          # brain-MRI UNet 2D / 3D beside MONAI; 3D checkpointing and s2d / wavelet memory
+    python bench.py vae          # KL / VQ / DC autoencoders 2D / 3D beside diffusers' and MONAI's AutoencoderKL
 
 Each prints a table and writes bench_<name>.json (key out_dir=... to choose the folder);
 `python bench.py NAME --help` lists that benchmark's options.
@@ -596,12 +597,253 @@ def bench_mri(argv):
     write_result(path, {"device": device, **opts, **resolved, "rows": rows})
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# vae
+# ----------------------------------------------------------------------------------------------------------------
+
+VAE_BENCH = {  # key=value overrides of `python bench.py vae`
+    "IMAGE_SIZE": 96,  # 2D side in pixels (STL-10 96 x 96 RGB)
+    "BATCH_2D": -1,  # images per call; -1: 32 on GPU, 2 on CPU
+    "VOLUME": (-1,),  # 3D [D, H, W] voxels, one channel; (-1,): 64 x 128 x 128 on GPU, 16 x 32 x 32 on CPU
+    "BATCH_3D": 1,  # volumes per call
+    "ITERS": -1,  # timed calls per measurement (after one warm-up); -1: 3 on GPU, 1 on CPU (seconds a step)
+    "CASES": (  # which rows to run (VAE_CASES)
+        "klvae_2d",
+        "diffusers_2d",
+        "monai_2d",
+        "vqvae_2d",
+        "dcae_2d",
+        "klvae_3d",
+        "monai_3d",
+    ),
+    "OUT_DIR": ".",  # where bench_vae.json goes
+}
+VAE_CASES = {  # name -> (network, dims, our preset, keyword arguments); a reference takes the shape of our klvae at
+    # that preset (see vae_reference). klvae base is the Stable Diffusion VAE (128 / 256 / 512 / 512, 2 ResBlocks a
+    # level, latent 4, factor 8), vqvae base LDM's VQ-f4, dcae f32 the paper's f32c32; the 3D rows (klvae small:
+    # 64 / 128 / 128, factor 4) run one channel with the mid attention off, as on MRI volumes
+    "klvae_2d": ("klvae", 2, "base", {}),
+    "diffusers_2d": ("diffusers", 2, "base", {}),
+    "monai_2d": ("monai", 2, "base", {}),
+    "vqvae_2d": ("vqvae", 2, "base", {}),
+    "dcae_2d": ("dcae", 2, "f32", {}),
+    "klvae_3d": ("klvae", 3, "small", {"in_channels": 1, "attention": False}),
+    "monai_3d": ("monai", 3, "small", {"in_channels": 1, "attention": False}),
+}
+_KL_WEIGHT = 1e-6  # the LDM autoencoders' KL weight (Rombach et al. 2022); only the work matters here, not the value
+
+
+def vae_reference(kind, dims, cfg):
+    """diffusers' AutoencoderKL (2D only) or MONAI's AutoencoderKL at the shape of our klvae config `cfg` (widths
+    channels * ch_mult, num_res_blocks, latent channels, mid-block attention on / off, no attention inside the
+    levels, GroupNorm 32), as (net, reconstruct(x), loss(x)); (None, reason) when the package is missing. loss is
+    L1 + _KL_WEIGHT * KL on a posterior sample, as for ours. MONAI's constructor gives its decoder num_res_blocks
+    ResBlocks a level where LDM's (ours, diffusers') has num_res_blocks + 1; its decoder is rebuilt from its own
+    Decoder class with num_res_blocks + 1, so all three are the same network (equal parameters, equal FLOPs)."""
+    widths = tuple(cfg["channels"] * m for m in cfg["ch_mult"])
+    io = {"in_channels": cfg["in_channels"], "out_channels": cfg.get("out_channels") or cfg["in_channels"]}
+    if kind == "diffusers":
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as e:
+            return None, f"diffusers is not importable ({e}); pip install diffusers (a bench-only dependency)"
+        net = AutoencoderKL(
+            **io,
+            down_block_types=("DownEncoderBlock2D",) * len(widths),
+            up_block_types=("UpDecoderBlock2D",) * len(widths),
+            block_out_channels=widths,
+            layers_per_block=cfg["num_res_blocks"],
+            latent_channels=cfg["latent_channels"],
+            mid_block_add_attention=cfg["attention"],
+        )
+
+        def loss(x):
+            posterior = net.encode(x).latent_dist
+            x_hat = net.decode(posterior.sample()).sample
+            return (x_hat.float() - x).abs().mean() + _KL_WEIGHT * posterior.kl().mean()
+
+        return net, (lambda x: net.decode(net.encode(x).latent_dist.mode()).sample), loss
+    try:
+        from monai.networks.blocks import SpatialAttentionBlock
+        from monai.networks.nets import AutoencoderKL
+        from monai.networks.nets.autoencoderkl import Decoder
+    except ImportError as e:
+        return None, f"monai is not importable ({e}); pip install --no-deps monai (a bench-only dependency)"
+    shape = {  # use_flash_attention: PyTorch's scaled_dot_product_attention, as ours; its default stores L x L
+        "spatial_dims": dims,
+        "channels": widths,
+        "attention_levels": (False,) * len(widths),
+        "use_flash_attention": True,
+    }
+    net = AutoencoderKL(
+        **shape,
+        **io,
+        num_res_blocks=cfg["num_res_blocks"],
+        latent_channels=cfg["latent_channels"],
+    )
+    net.decoder = Decoder(
+        **shape,
+        in_channels=cfg["latent_channels"],
+        out_channels=io["out_channels"],
+        num_res_blocks=(cfg["num_res_blocks"] + 1,) * len(widths),
+        norm_num_groups=32,
+        norm_eps=1e-6,
+    )
+    if not cfg["attention"]:  # MONAI's switch drops the whole middle; ours keeps its two ResBlocks, so does this
+        for blocks in (net.encoder.blocks, net.decoder.blocks):
+            for i, block in enumerate(blocks):
+                blocks[i] = torch.nn.Identity() if isinstance(block, SpatialAttentionBlock) else block
+
+    def loss(x):
+        x_hat, mu, sigma = net(x)
+        kl = 0.5 * (mu.float().square() + sigma.float().square() - 2 * sigma.float().log() - 1).flatten(1).sum(1)
+        return (x_hat.float() - x).abs().mean() + _KL_WEIGHT * kl.mean()
+
+    return net, net.reconstruct, loss
+
+
+def vae_config(name):
+    """The resolved constructor arguments of case `name`'s network (its class defaults, the preset, then the case's
+    keywords); a reference case gets those of our klvae, whose shape it takes."""
+    kind, dims, preset, kw = VAE_CASES[name]
+    cls = models.MODELS["klvae" if kind in ("diffusers", "monai") else kind]
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    return {**defaults, **cls.PRESETS[preset], "dims": dims, **kw}
+
+
+def ours_calls(net):
+    """(reconstruct(x), loss(x)) for our autoencoders: L1 reconstruction + _KL_WEIGHT * KL (klvae) or the
+    commitment loss (vqvae; the codebook itself is an EMA update) or nothing more (dcae)."""
+
+    def loss(x):
+        x_hat, aux = net(x)
+        rec = (x_hat.float() - x).abs().mean()
+        if "kl" in aux:
+            return rec + _KL_WEIGHT * aux["kl"].mean()
+        return rec + aux["vq_loss"] if "vq_loss" in aux else rec
+
+    return (lambda x: net.decode(net.encode(x))), loss
+
+
+def _vae_one(args):
+    """One autoencoder case in a fresh process: encode + decode samples/s (eval, no gradients), training samples/s
+    (forward, L1 + KL / VQ terms, backward, AdamW) and the peak memory of each."""
+    name, batch, spatial, iters = args
+    (kind, dims, preset, kw), cfg = VAE_CASES[name], vae_config(name)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = memory_baseline(dev)
+    if kind in ("diffusers", "monai"):
+        net, *calls = vae_reference(kind, dims, cfg)
+        if net is None:
+            return {"case": name, "skipped": calls[0]}
+    else:
+        net = models.make_model(kind, preset, dims=dims, **kw)
+        calls = ours_calls(net)
+    reconstruct, loss_fn = calls
+    net.to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.rand(batch, cfg["in_channels"], *spatial, device=dev) * 2 - 1  # images in [-1, 1]
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+    def encode_decode():
+        with torch.no_grad(), autocast:
+            reconstruct(x)
+
+    def train_step():
+        with autocast:
+            loss = loss_fn(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    row = {
+        "case": name,
+        "input": [batch, cfg["in_channels"], *spatial],
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+    }
+    try:
+        net.eval()
+        eval_s = seconds_per_call(encode_decode, iters, dev)
+        eval_mem = common.peak_memory_mb(dev) - base
+        net.train()
+        base = memory_baseline(dev) if dev.type == "cuda" else base  # CPU: the peak RSS only grows, so one baseline
+        train_s = seconds_per_call(train_step, iters, dev)
+    except torch.OutOfMemoryError:
+        return {**row, "skipped": "out of memory"}
+    train_mem = common.peak_memory_mb(dev) - base
+    return {
+        **row,
+        "encode_decode_samples_s": batch / eval_s,
+        "train_samples_s": batch / train_s,
+        "eval_peak_mem_mib": eval_mem,
+        "train_peak_mem_mib": train_mem,
+    }
+
+
+def bench_vae(argv):
+    """Our autoencoders (klvae at the Stable Diffusion VAE shape, vqvae, dcae f32) on STL-10 96 x 96 RGB images and
+    klvae on one-channel MRI volumes, beside diffusers' AutoencoderKL (2D only) and MONAI's AutoencoderKL at the
+    same shape: encode + decode samples/s (eval, no gradients; the KL-VAEs decode the posterior mean), training
+    samples/s (forward on a posterior sample, L1 + KL or VQ terms, backward, AdamW; bf16 autocast on GPU) and peak
+    memory of each (CUDA allocated, or on CPU the growth of the process's peak RSS, which only grows: the train
+    column covers both), each case in a fresh process."""
+    opts = common.apply_overrides(dict(VAE_BENCH, __doc__=bench_vae.__doc__), argv)
+    gpu = torch.cuda.is_available()
+    for key in ("batch_2d", "iters"):
+        common.check(opts[key] > 0 or opts[key] == -1, f"{key}={opts[key]}: give a positive number or -1")
+    common.check(opts["batch_3d"] > 0, f"batch_3d={opts['batch_3d']}: give a positive number")
+    unknown = [c for c in opts["cases"] if c not in VAE_CASES]
+    if unknown:
+        common.die(f"cases={unknown}: choose from {', '.join(VAE_CASES)}")
+    needed = {"klvae"} | {VAE_CASES[c][0] for c in opts["cases"]} - {"diffusers", "monai"}  # references: klvae's shape
+    missing = sorted(needed - set(models.MODELS))
+    common.check(not missing, f"models.py has no {', '.join(missing)} entry")
+    side = opts["image_size"]
+    volume = opts["volume"] if opts["volume"] != (-1,) else ((64, 128, 128) if gpu else (16, 32, 32))
+    common.check(len(volume) == 3, f"volume={volume}: give [D, H, W]")
+    for name in opts["cases"]:  # every side a multiple of the case's factor, before any work
+        cfg = vae_config(name)
+        factor = models.autoencoder_factor(cfg["dims"], cfg["ch_mult"], cfg["factor"])
+        spatial, what = ((side,), f"image_size={side}") if cfg["dims"] == 2 else (volume, f"volume={volume}")
+        common.check(all(s > 0 and s % factor == 0 for s in spatial), f"{what}: {name} needs multiples of {factor}")
+    batch_2d = opts["batch_2d"] if opts["batch_2d"] > 0 else (32 if gpu else 2)
+    iters = opts["iters"] if opts["iters"] > 0 else (3 if gpu else 1)
+    path = result_path(opts["out_dir"], "vae")
+    device = device_name()
+    print(
+        f"vae: 2D {side}x{side} RGB batch {batch_2d}, 3D {'x'.join(map(str, volume))} batch {opts['batch_3d']}, {device}"
+    )
+    header = (
+        f"{'case':<14}{'input (B x C x ...)':>20}{'params (M)':>12}{'enc+dec /s':>12}{'train /s':>10}"
+        f"{'eval MiB':>10}{'train MiB':>11}"
+    )
+    print(header + f"\n{'-' * len(header)}", flush=True)
+    rows = []
+    for name in opts["cases"]:
+        batch, spatial = (batch_2d, (side, side)) if VAE_CASES[name][1] == 2 else (opts["batch_3d"], volume)
+        rows.append(in_fresh_process(_vae_one, (name, batch, spatial, iters)))
+        r = rows[-1]
+        if "skipped" in r and "input" not in r:
+            print(f"{name:<14}  skipped: {r['skipped']}", flush=True)
+            continue
+        what = (
+            f"  skipped: {r['skipped']}"
+            if "skipped" in r
+            else f"{r['encode_decode_samples_s']:>12.3f}{r['train_samples_s']:>10.3f}"
+            f"{r['eval_peak_mem_mib']:>10.0f}{r['train_peak_mem_mib']:>11.0f}"
+        )
+        print(f"{name:<14}{'x'.join(map(str, r['input'])):>20}{r['params_m']:>12.2f}{what}", flush=True)
+    resolved = {"batch_2d": batch_2d, "volume": volume, "iters": iters}
+    write_result(path, {"device": device, **opts, **resolved, "rows": rows})
+
+
 BENCHES = {  # name -> (function(argv), its options, the name of that dict in this file)
     "samplers": (bench_samplers, SAMPLER_BENCH, "SAMPLER_BENCH"),
     "arc": (bench_arc, ARC_BENCH, "ARC_BENCH"),
     "models": (bench_models, MODEL_BENCH, "MODEL_BENCH"),
     "scaling": (bench_scaling, SCALING_BENCH, "SCALING_BENCH"),
     "mri": (bench_mri, MRI_BENCH, "MRI_BENCH"),
+    "vae": (bench_vae, VAE_BENCH, "VAE_BENCH"),
 }
 
 
