@@ -1255,7 +1255,9 @@ def open_autoencoder(config):
     import train_vae  # here, not at the top: train_vae imports this module
 
     expect = {"data": "eeg", "input_shape": input_shape(config), **data_settings(config)}
-    ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(config["latent"], "cpu", expect)
+    ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(
+        config["latent"], "cpu", expect, (config["out_dir"], config["resume"])
+    )
     config.update(sample_shape=list(train_vae.latent_shape(ae, input_shape(config))), latent_id=latent_id)
     return ae, ae_config, ae_dir
 

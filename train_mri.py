@@ -1320,7 +1320,9 @@ def latent_autoencoder(config):
         expect["image_size"] = config["image_size"]
     else:
         expect["crop"] = list(config["crop"])  # as the autoencoder's config.json stores it
-    ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(config["latent"], "cpu", expect)
+    ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(
+        config["latent"], "cpu", expect, (config["out_dir"], config["resume"])
+    )
     config.update(latent_id=latent_id, latent_shape=list(train_vae.latent_shape(ae, shape)))
     return ae, (ae_config, ae_dir)
 

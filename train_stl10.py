@@ -400,7 +400,7 @@ def main(argv):
         import train_vae
 
         expect = {"data": "stl10", "input_shape": (3, IMAGE_SIZE, IMAGE_SIZE), "image_size": IMAGE_SIZE}
-        ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(LATENT, "cpu", expect)
+        ae, ae_config, ae_dir, latent_id = train_vae.load_autoencoder(LATENT, "cpu", expect, (OUT_DIR, RESUME))
         config.update(sample_shape=list(train_vae.latent_shape(ae, (3, IMAGE_SIZE, IMAGE_SIZE))), latent_id=latent_id)
     config.update(script="train_stl10", n_classes=_N_CLASSES, model_kw=model_kwargs(config, _N_CLASSES))
     check_shapes(config)

@@ -571,11 +571,12 @@ def evaluate(model, config, opts, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_autoencoder(path, device, expect):
+def load_autoencoder(path, device, expect, resume=None):
     """The autoencoder of a train_vae run or step folder (EMA weights, frozen, eval) for a latent diffusion run.
     `expect` {data, kind, input_shape (channels, *spatial), and dataset keys such as variant or mode} must match what
     it was trained on; anything else stops with one line. -> (model, its config, its checkpoint folder, latent_id:
-    a hash of its weights)."""
+    a hash of its weights). resume (OUT_DIR, RESUME): a checkpoint to resume from in another autoencoder's latent
+    space stops here, before any encoding."""
     ckpt = common.resolve_checkpoint(path)
     config = common.load_config(ckpt)
     if config.get("script") != "train_vae":
@@ -609,7 +610,14 @@ def load_autoencoder(path, device, expect):
     digest = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         digest.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
-    return model.to(device).eval().requires_grad_(False), config, ckpt, digest.hexdigest()[:16]
+    latent_id = digest.hexdigest()[:16]
+    previous = common.resolve_resume(*resume) if resume else None
+    if previous and common.load_config(previous).get("latent_id") != latent_id:
+        common.die(
+            f"{previous} was trained with latent_id={common.load_config(previous).get('latent_id')!r}, this run has "
+            f"latent_id={latent_id!r} (latent={path!r}); give the autoencoder it was trained with, or a fresh out_dir="
+        )
+    return model.to(device).eval().requires_grad_(False), config, ckpt, latent_id
 
 
 def latent_shape(ae, input_shape):

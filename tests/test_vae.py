@@ -237,4 +237,4 @@ def test_latent_bad_inputs_are_one_line(photos, ae_run, tmp_path):
     other = str(tmp_path / "other_ae")  # another autoencoder: resuming the diffusion run with it is refused
     train_ae(photos, other, "seed=1", "perceptual_weight=0")
     proc = train_latent(photos, diffusion, other, "resume=auto", "max_steps=4", check=False)
-    assert "latent_id" in error_line(proc)
+    assert "latent_id" in error_line(proc) and "latent cache" not in proc.stdout  # refused before any encoding
