@@ -297,6 +297,23 @@ class Schedule:
         alpha, sigma = self.alpha_sigma(t)
         return 2 * (torch.log(alpha) - torch.log(sigma))
 
+    def t_from_log_snr(self, lam):
+        """The inverse of log_snr: the t in [0, 1] where log(alpha^2 / sigma^2) = lam, in closed form.
+
+        VP: alpha^2 = sigmoid(lam); cosine: t = (2 / pi) (1 + s) arccos(alpha cos theta(0)) - s; linear: the root of
+        (b1 - b0) / 2 t^2 + b0 t + log alpha^2 = 0. Flow: alpha / sigma = (1 - t) / t, so t = sigmoid(-lam / 2).
+        """
+        if self.kind == "flow":
+            return torch.sigmoid(-lam / 2)
+        log_alpha2 = torch.nn.functional.logsigmoid(lam)
+        if self.kind == "cosine":
+            theta = torch.arccos((0.5 * log_alpha2).exp() * math.cos(self._theta(0.0)))
+            t = theta * 2 / math.pi * (1 + self.s) - self.s
+        else:
+            b0, db = self.beta_min, self.beta_max - self.beta_min
+            t = (-b0 + (b0**2 - 2 * db * log_alpha2).sqrt()) / db
+        return t.clamp(0.0, 1.0)
+
 
 def discrete_times(T, device=None):
     """The grid t_i = i / T, i = 0..T, on which a T-step discrete schedule is the continuous one evaluated."""
@@ -490,13 +507,59 @@ def d3pm_uniform_reverse(x_t, p_x0, keep_t, keep_s):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Samplers: sampler(denoise, x, ts, schedule, generator, **options) -> x at ts[-1]
-# denoise(x, t) -> (x0_hat, eps_hat), t a (B,) tensor; ts a decreasing grid from 1 to 0.
+# denoise(x, t) -> (x0_hat, eps_hat), t a (B,) tensor; ts a decreasing grid from t_max to t_min (see time_grid).
+# A step that lands on t = 0 returns x0_hat (sigma = 0 there); sample() adds the final step at t_min > 0.
 # ----------------------------------------------------------------------------------------------------------------
 
+GRIDS = ("uniform", "karras", "logsnr")  # time discretisations, see time_grid
+FINAL_STEPS = ("denoise", "none")  # what sample() does at t_min > 0: one more denoiser call, or nothing
+ALPHA_FLOOR = 1e-4  # the cosine schedule's floor on alpha; the grids and multistep histories floor the flow path too
 
-def time_grid(steps, t_max=1.0, t_min=0.0):
-    """`steps` + 1 uniformly spaced times from t_max down to t_min (float64)."""
-    return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
+
+def _floored_log_snr(schedule, t):
+    """log(alpha^2 / sigma^2) with alpha floored at ALPHA_FLOOR (finite at t = 1 on the flow path, -18.4 there)."""
+    alpha, sigma = schedule.alpha_sigma(t)
+    return 2 * (torch.log(alpha.clamp_min(ALPHA_FLOOR)) - torch.log(sigma))
+
+
+def time_grid(steps, t_max=1.0, t_min=0.0, kind="uniform", schedule=None, rho=7.0, s_max=80.0, t_steps=0):
+    """`steps` + 1 decreasing times from t_max to t_min (float64), both ends exact.
+
+    uniform: uniform in t.
+    karras: uniform in s^(1 / rho), s = sigma / alpha (Karras et al. 2022, arXiv:2206.00364 eq. 5, rho = 7; for VP
+        schedules s is the sigma of their eq. 4 with the scaling alpha taken out; for flow s = t / (1 - t)).
+    logsnr: uniform in lambda = log(alpha^2 / sigma^2) (Lu et al. 2022, arXiv:2206.00927 sec. 3.3).
+    Both spacings start at s_max (Karras et al.'s sigma_max = 80) when s(t_max) is larger: the first step then goes
+    from t_max straight to s_max (alpha is floored at ALPHA_FLOOR, so s(1) = 1e4 for cosine and flow), as spending
+    steps far above the data's scale gains nothing. Both need t_min > 0 (lambda is infinite at 0): the final denoise
+    at t_min is their step to 0, as Karras et al. append sigma = 0 after sigma_min. t_steps > 0 snaps every time to the nearest i / t_steps of a discrete-time model
+    (duplicates dropped, so fewer steps may remain).
+    """
+    if kind not in GRIDS:
+        die(f"unknown time grid {kind!r}; choose one of {', '.join(GRIDS)}")
+    if not 0.0 <= t_min < t_max <= 1.0:
+        die(f"the time grid needs 0 <= t_min < t_max <= 1 (got t_min={t_min}, t_max={t_max})")
+    if kind == "uniform":
+        ts = torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
+    else:
+        if t_min <= 0:
+            die(f"the {kind} grid needs t_min > 0 (log-SNR is infinite at t = 0); its last step to 0 is the final denoise")
+        lam_top, lam_min = _floored_log_snr(schedule, torch.tensor([t_max, t_min], dtype=torch.float64)).tolist()
+        jump = steps > 1 and lam_top < -2 * math.log(s_max)  # s(t_max) > s_max: one step from t_max to s_max
+        if jump:
+            lam_top, steps = -2 * math.log(s_max), steps - 1
+        if kind == "logsnr":
+            lam = torch.linspace(lam_top, lam_min, steps + 1, dtype=torch.float64)
+        else:
+            s_root = torch.tensor([lam_top, lam_min], dtype=torch.float64).div(-2 * rho).exp()  # s^(1/rho); 0 at t = 0
+            lam = -2 * rho * torch.linspace(float(s_root[0]), float(s_root[1]), steps + 1, dtype=torch.float64).log()
+        ts = schedule.t_from_log_snr(lam)
+        if jump:
+            ts = torch.cat([torch.tensor([t_max], dtype=torch.float64), ts])
+        ts[0], ts[-1] = t_max, t_min
+    if t_steps > 0:
+        ts = torch.unique_consecutive((ts * t_steps).round() / t_steps)
+    return ts
 
 
 def _call(denoise, x, t):
@@ -506,6 +569,11 @@ def _call(denoise, x, t):
 def _scalars(schedule, t):
     alpha, sigma = schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
     return float(alpha), float(sigma)
+
+
+def _half_lambda(schedule, t):
+    """log(alpha / sigma) with alpha floored (DPM-Solver's lambda); the spacing of a multistep history."""
+    return 0.5 * float(_floored_log_snr(schedule, torch.tensor(float(t), dtype=torch.float64)))
 
 
 def _ancestral_step(x, x0, eps, alpha_s, sigma_s, alpha_t, sigma_t, eta, generator):
@@ -540,49 +608,122 @@ def sample_ddpm(denoise, x, ts, schedule, generator=None, eta=1.0, callback=None
     return sample_ddim(denoise, x, ts, schedule, generator=generator, eta=1.0, callback=callback)
 
 
-def _velocity(schedule, t, x0, eps):
-    """Probability-flow ODE drift dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat (the marginal velocity of the path
-    x_t = alpha x0 + sigma eps; Song et al. 2021 arXiv:2011.13456 eq. 13 written for this parameterisation)."""
-    d_alpha, d_sigma = schedule.d_alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
-    return float(d_alpha) * x0 + float(d_sigma) * eps
-
-
 def sample_euler(denoise, x, ts, schedule, generator=None, callback=None):
-    """Euler's method on the probability-flow ODE in t; the last step to t = 0 lands on x0_hat (sigma' is
-    unbounded at t = 0 for VP schedules, and x_0 = x0_hat there exactly)."""
+    """Euler's method on the probability-flow ODE in Karras et al.'s coordinates (arXiv:2206.00364 eq. 4 with the
+    scaling taken out): y = x / alpha, s = sigma / alpha, dy/ds = eps_hat, so y_next = y + (s_next - s) eps_hat, i.e.
+    x_next = alpha_next x0_hat + sigma_next eps_hat. That is DDIM with eta = 0 on every schedule (their sec. 3), and
+    on the flow path also Euler in t (dx/dt = eps_hat - x0_hat is constant along the step)."""
     for i in range(len(ts) - 1):
         t, t_next = float(ts[i]), float(ts[i + 1])
         x0, eps = _call(denoise, x, t)
         if callback:
             callback(i, t, x, x0)
-        x = x0 if t_next == 0 else x + (t_next - t) * _velocity(schedule, t, x0, eps)
+        alpha_s, sigma_s = _scalars(schedule, t_next)
+        x = alpha_s * x0 + sigma_s * eps
     return x
 
 
 def sample_heun(denoise, x, ts, schedule, generator=None, callback=None):
-    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364 alg. 1): an Euler
-    step, then the trapezoid of the drifts at both ends; the step to t = 0 is a plain denoise, as in alg. 1."""
+    """Heun's 2nd-order method (Karras et al. 2022, arXiv:2206.00364 alg. 1): an Euler step (DDIM, see sample_euler)
+    to t_next, a second call there, then the trapezoid. Departure: the trapezoid is taken in the exponential-integrator
+    form, with x0_hat linear in lambda = log(alpha / sigma) between both ends (the order-2 weights of _exp_weights),
+    not eps_hat linear in s = sigma / alpha: alg. 1's trapezoid over a step from s = 1e4 (t = 1 on the cosine and flow
+    paths) averages eps over a range where it is far from linear and overshoots by orders of magnitude. A step that
+    lands on t = 0 is the plain Euler step (x0_hat), as in alg. 1. NFE: 2 per step, 1 for a step to 0."""
     for i in range(len(ts) - 1):
         t, t_next = float(ts[i]), float(ts[i + 1])
         x0, eps = _call(denoise, x, t)
         if callback:
             callback(i, t, x, x0)
-        if t_next == 0:
-            x = x0
+        alpha_t, sigma_t = _scalars(schedule, t)
+        alpha_s, sigma_s = _scalars(schedule, t_next)
+        x_euler = alpha_s * x0 + sigma_s * eps
+        h = _step_h(schedule, t, t_next)
+        if sigma_s == 0:
+            x = x_euler
             continue
-        d = _velocity(schedule, t, x0, eps)
-        x_euler = x + (t_next - t) * d
-        x0_next, eps_next = _call(denoise, x_euler, t_next)
-        x = x + (t_next - t) * 0.5 * (d + _velocity(schedule, t_next, x0_next, eps_next))
+        x0_next, _ = _call(denoise, x_euler, t_next)
+        # from alpha = 0 (h infinite) _exp_update takes the limit h -> inf: all weight on x0_next
+        x = _exp_update(x, [x0_next, x0], [h, 0.0], alpha_t, sigma_t, alpha_s, sigma_s, h)
+    return x
+
+
+def _phi_integrals(h, n):
+    """I_k = int_0^h e^{-(h - u)} u^k du for k < n (float): the series k! h^{k+1} sum_j (-h)^j / (k + 1 + j)! for
+    h < 1 (no cancellation), else the recurrence I_0 = 1 - e^{-h}, I_k = h^k - k I_{k-1} (integration by parts)."""
+    if h < 1:
+        return [
+            math.factorial(k) * h ** (k + 1) * sum((-h) ** j / math.factorial(k + 1 + j) for j in range(40))
+            for k in range(n)
+        ]
+    integrals = [-math.expm1(-h)]
+    for k in range(1, n):
+        integrals.append(h**k - k * integrals[-1])
+    return integrals
+
+
+def _exp_weights(h, nodes):
+    """Weights w_j such that int_0^h e^{-(h - u)} P(u) du = sum_j w_j m_j for the polynomial P through the points
+    (nodes[j], m_j): the coefficients of an exponential integrator of order len(nodes) (Lu et al. 2022,
+    arXiv:2211.01095 eq. 8 with x0 interpolated in lambda; Zhao et al. 2023, arXiv:2302.04867 sec. 3)."""
+    n = len(nodes)
+    vandermonde = torch.tensor([[u**k for k in range(n)] for u in nodes], dtype=torch.float64)  # P(u_j) = sum c_k u_j^k
+    return (torch.tensor(_phi_integrals(h, n), dtype=torch.float64) @ torch.linalg.inv(vandermonde)).tolist()
+
+
+def _exp_update(x, x0s, nodes, alpha_t, sigma_t, alpha_s, sigma_s, h):
+    """x_s = (sigma_s / sigma_t) x_t + alpha_s int_0^h e^{-(h - u)} x0(lambda_t + u) du, h = lambda_s - lambda_t,
+    lambda = log(alpha / sigma), x0 interpolated through x0s at `nodes` (lambda - lambda_t). Infinite h (from
+    alpha_t = 0, the flow path's t = 1) gives x_s = sigma_s x_t + alpha_s x0 exactly; sigma_s = 0 returns x0s[0]."""
+    if sigma_s == 0:
+        return x0s[0]
+    if not math.isfinite(h):
+        return (sigma_s / sigma_t) * x + alpha_s * x0s[0]
+    weights = _exp_weights(h, nodes)
+    return (sigma_s / sigma_t) * x + alpha_s * sum(w * m for w, m in zip(weights, x0s))
+
+
+def _step_h(schedule, t, t_next):
+    """h = lambda(t_next) - lambda(t) from the exact alpha, sigma (infinite where alpha(t) = 0)."""
+    alpha_t, sigma_t = _scalars(schedule, t)
+    alpha_s, sigma_s = _scalars(schedule, t_next)
+    if alpha_t == 0 or sigma_s == 0:
+        return math.inf
+    return math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)
+
+
+def _multistep(denoise, x, ts, schedule, order, callback, corrector=False):
+    """The DPM-Solver++ multistep predictor of `order` (the last `order` x0 predictions, newest first, interpolated in
+    lambda; fewer on the first steps), optionally followed by the UniC corrector: the prediction at the new point,
+    which the next step needs anyway, joins the interpolation and the step is redone from x_t (no extra call; not on
+    the last step, whose new point is never evaluated). History lambdas are floored (flow at t = 1)."""
+    x0s, lams, x0_next = [], [], None
+    for i in range(len(ts) - 1):
+        t, t_next = float(ts[i]), float(ts[i + 1])
+        x0 = x0_next if x0_next is not None else _call(denoise, x, t)[0]
+        if callback:
+            callback(i, t, x, x0)
+        x0s, lams = ([x0] + x0s)[:order], ([_half_lambda(schedule, t)] + lams)[:order]
+        p = len(x0s)
+        alpha_t, sigma_t = _scalars(schedule, t)
+        alpha_s, sigma_s = _scalars(schedule, t_next)
+        h = _step_h(schedule, t, t_next)
+        nodes = [lam - lams[0] for lam in lams[:p]]
+        x_pred = _exp_update(x, x0s[:p], nodes, alpha_t, sigma_t, alpha_s, sigma_s, h)
+        x0_next = None
+        if corrector and i < len(ts) - 2 and math.isfinite(h):
+            x0_next = _call(denoise, x_pred, t_next)[0]
+            x_pred = _exp_update(x, [x0_next] + x0s[:p], [h] + nodes, alpha_t, sigma_t, alpha_s, sigma_s, h)
+        x = x_pred
     return x
 
 
 def sample_dpmpp_2m(denoise, x, ts, schedule, generator=None, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095 alg. 2), multistep in lambda = log(alpha / sigma):
     x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i, h_i = lambda_i - lambda_{i-1},
-    D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2}, r_i = h_{i-1} / h_i; first order on the first step and
-    on the last step to t = 0 (where h is infinite), as the paper's lower-order final step."""
-    x0_prev, h_prev = None, None
+    D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2}, r_i = h_{i-1} / h_i; first order on the first step; a
+    step to t = 0 (h infinite) returns x0_hat. The history's lambda is floored (finite at the flow path's t = 1)."""
+    x0_prev, lam_prev = None, None
     for i in range(len(ts) - 1):
         t, t_next = float(ts[i]), float(ts[i + 1])
         x0, _ = _call(denoise, x, t)
@@ -590,18 +731,29 @@ def sample_dpmpp_2m(denoise, x, ts, schedule, generator=None, callback=None):
             callback(i, t, x, x0)
         alpha_t, sigma_t = _scalars(schedule, t)
         alpha_s, sigma_s = _scalars(schedule, t_next)
-        if sigma_s == 0:
-            x = x0
-            continue
-        lam_t = math.log(alpha_t / sigma_t) if alpha_t > 0 else -math.inf
-        h = math.log(alpha_s / sigma_s) - lam_t
+        h, lam = _step_h(schedule, t, t_next), _half_lambda(schedule, t)
         d = x0
-        if x0_prev is not None and math.isfinite(h_prev):
-            r = h_prev / h
+        if x0_prev is not None and math.isfinite(h):
+            r = (lam - lam_prev) / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
+        x = _exp_update(x, [d], [0.0], alpha_t, sigma_t, alpha_s, sigma_s, h)
+        x0_prev, lam_prev = x0, lam
     return x
+
+
+def sample_dpmpp_3m(denoise, x, ts, schedule, generator=None, callback=None):
+    """DPM-Solver++(3M): the data-prediction exponential integrator (Lu et al. 2022, arXiv:2211.01095 eq. 8) with x0
+    the quadratic in lambda through the last three predictions, integrated exactly (_exp_weights); third order.
+    First and second order on the first two steps."""
+    return _multistep(denoise, x, ts, schedule, 3, callback)
+
+
+def sample_unipc(denoise, x, ts, schedule, generator=None, callback=None):
+    """UniPC (Zhao et al. 2023, arXiv:2302.04867 alg. 2 and 3) in data prediction: the DPM-Solver++(3M) predictor, then
+    the UniC corrector through the prediction at the new point (which the next step reuses: one call per step), so
+    order 4 where the history allows. Departure: the coefficients integrate the interpolating polynomial exactly
+    (_exp_weights) instead of the paper's B(h) approximations."""
+    return _multistep(denoise, x, ts, schedule, 3, callback, corrector=True)
 
 
 SAMPLERS = {
@@ -610,18 +762,60 @@ SAMPLERS = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "unipc": sample_unipc,
 }
+DETERMINISTIC = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")  # ddim at eta = 0
 
 
-def sample(name, denoise, noise, steps, schedule, generator=None, eta=0.0, progress=False, callback=None, t_max=1.0):
-    """Run sampler `name` for `steps` steps from `noise` (the state at t_max) down to t = 0.
+def count_nfe(name, ts, final="denoise"):
+    """Denoiser calls of sampler `name` on grid ts: one per step (heun two, one for a step that lands on t = 0), plus
+    one for the final denoise at t_min > 0."""
+    steps = len(ts) - 1
+    n = 2 * steps - (float(ts[-1]) == 0) if name == "heun" else steps
+    return n + (final == "denoise" and float(ts[-1]) > 0)
 
-    NFE is `steps` for every sampler but heun, which takes 2 * steps - 1. With progress=True a tqdm bar counts steps.
+
+def steps_for_nfe(name, nfe, t_min=0.0, final="denoise"):
+    """The most steps whose count_nfe is at most `nfe` (heun may use one call fewer); at least one step."""
+    extra = int(t_min > 0 and final == "denoise")
+    if name == "heun":
+        return max(1, (nfe - extra + (t_min == 0)) // 2)
+    return max(1, nfe - extra)
+
+
+def sample(
+    name,
+    denoise,
+    noise,
+    steps,
+    schedule,
+    generator=None,
+    eta=0.0,
+    progress=False,
+    callback=None,
+    t_max=1.0,
+    grid="uniform",
+    t_min=0.0,
+    final="denoise",
+    rho=7.0,
+    s_max=80.0,
+    t_steps=0,
+    shift=1.0,
+):
+    """Run sampler `name` for `steps` steps from `noise` (the state at t_max) down to t_min on time_grid(kind=grid),
+    then the final step: at t_min = 0 the last step already returned x0_hat; at t_min > 0 final="denoise" returns
+    x0_hat(x, t_min) (one more denoiser call) and final="none" returns x at t_min as it is. shift != 1 applies the
+    resolution shift to the grid. count_nfe gives the denoiser calls; with progress=True a tqdm bar counts steps.
     """
     if name not in SAMPLERS:
         die(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    ts = time_grid(steps, t_max=t_max)
-    bar = progress_bar(total=steps, desc=f"sampling ({name})", disable=not progress)
+    if final not in FINAL_STEPS:
+        die(f"unknown final step {final!r}; choose one of {', '.join(FINAL_STEPS)}")
+    ts = time_grid(steps, t_max, t_min, kind=grid, schedule=schedule, rho=rho, s_max=s_max, t_steps=t_steps)
+    if shift != 1.0:
+        ts = resolution_shift(ts, shift)
+    bar = progress_bar(total=len(ts) - 1, desc=f"sampling ({name})", disable=not progress)
 
     def step_callback(i, t, x, x0):
         bar.update(1)
@@ -631,6 +825,8 @@ def sample(name, denoise, noise, steps, schedule, generator=None, eta=0.0, progr
     options = {"eta": eta} if name == "ddim" else {}
     with torch.no_grad():
         x = SAMPLERS[name](denoise, noise, ts, schedule, generator=generator, callback=step_callback, **options)
+        if float(ts[-1]) > 0 and final == "denoise":
+            x = _call(denoise, x, ts[-1])[0]
     bar.close()
     return x
 
@@ -679,24 +875,38 @@ class GaussianMixture:
 
         return model_fn
 
-    def error(self, x):
-        """How far samples x (N, D) are from the mixture: assign each to its most likely component, then the max over
-        components of |weight error|, |mean error| / s_k (per dimension) and |std / s_k - 1|."""
+    def _component_stats(self, x):
+        """Assign each sample of x (N, D) to its most likely component; per component (weight, mean (D,), std), std
+        the root mean square deviation over every dimension (None where fewer than 2 samples landed)."""
         x = x.double()
-        r, _ = self.posterior(
-            x, torch.ones(len(x), 1, dtype=torch.float64), torch.zeros(len(x), 1, dtype=torch.float64)
-        )
-        k = r.argmax(-1)
-        errors = {"weight": 0.0, "mean": 0.0, "std": 0.0}
+        ones, zeros = torch.ones(len(x), 1, dtype=torch.float64), torch.zeros(len(x), 1, dtype=torch.float64)
+        k = self.posterior(x, ones, zeros)[0].argmax(-1)
+        stats = []
         for j in range(len(self.w)):
             xj = x[k == j]
-            errors["weight"] = max(errors["weight"], abs(len(xj) / len(x) - float(self.w[j])))
-            if len(xj) < 2:
+            mean = xj.mean(0) if len(xj) >= 2 else None
+            std = float(((xj - mean) ** 2).mean().sqrt()) if len(xj) >= 2 else None
+            stats.append((len(xj) / len(x), mean, std))
+        return stats
+
+    def error(self, x, reference=None):
+        """How far samples x (N, D) are from the mixture: assign each to its most likely component, then the max over
+        components of |weight error|, |mean error| / s_k (per dimension) and |std / s_k - 1|. The errors are taken
+        against the mixture's parameters, or with `reference` (M, D) against that sample's own statistics: the error
+        of an exact sampler is then the same metric between two independent draws of the data (the floor)."""
+        if reference is None:
+            target = [(float(w), mu, float(s)) for w, mu, s in zip(self.w, self.mu, self.s)]
+        else:
+            target = self._component_stats(reference)
+        errors = {"weight": 0.0, "mean": 0.0, "std": 0.0}
+        for j, ((w, mean, std), (w_ref, mean_ref, std_ref)) in enumerate(zip(self._component_stats(x), target)):
+            errors["weight"] = max(errors["weight"], abs(w - w_ref))
+            if mean is None or mean_ref is None:
                 errors["mean"] = errors["std"] = math.inf
                 continue
-            errors["mean"] = max(errors["mean"], float((xj.mean(0) - self.mu[j]).abs().max() / self.s[j]))
-            std = float(((xj - xj.mean(0)) ** 2).mean().sqrt())
-            errors["std"] = max(errors["std"], abs(std / float(self.s[j]) - 1))
+            s = float(self.s[j])
+            errors["mean"] = max(errors["mean"], float((mean - mean_ref).abs().max()) / s)
+            errors["std"] = max(errors["std"], abs(std - std_ref) / s)
         errors["max"] = max(errors.values())
         return errors
 

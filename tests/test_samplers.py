@@ -11,7 +11,16 @@ MIXTURE = common.GaussianMixture(
     weights=[0.5, 0.3, 0.2], means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.3, 0.5, 0.2]
 )
 # Steps per sampler for the distribution test (NFE: heun takes 2 * steps - 1, the others `steps`).
-STEPS = {"ddpm": 400, "ddim": 200, "ddim_eta0.5": 200, "euler": 100, "heun": 50, "dpmpp_2m": 50}
+STEPS = {
+    "ddpm": 400,
+    "ddim": 200,
+    "ddim_eta0.5": 200,
+    "euler": 100,
+    "heun": 100,
+    "dpmpp_2m": 50,
+    "dpmpp_3m": 50,
+    "unipc": 50,
+}
 # Tolerances at N = 8000 samples; the sampling noise alone gives about weight 0.01, mean 0.05, std 0.03.
 TOLERANCE = {"weight": 0.03, "mean": 0.12, "std": 0.07}
 N = 8000
@@ -67,26 +76,41 @@ def test_distribution_error_falls_with_nfe(sampler):
     assert errors[0] > errors[1] > errors[2], errors
 
 
-def ode_error(sampler, schedule, nfe, reference):
-    steps = (nfe + 1) // 2 if sampler == "heun" else nfe
-    x = run(sampler, schedule, "v", steps, n=2000)
+def ode_error(sampler, schedule, nfe, reference, t_min):
+    steps = common.steps_for_nfe(sampler, nfe, t_min)
+    x = common.sample(
+        sampler,
+        common.make_denoiser(MIXTURE.model(common.Schedule(schedule), "v"), common.Schedule(schedule), "v"),
+        torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+        steps,
+        common.Schedule(schedule),
+        grid="logsnr",
+        t_min=t_min,
+    )
     return float((x - reference).norm(dim=1).mean())
 
 
 @pytest.mark.parametrize("schedule", ["flow", "cosine"])
-def test_second_order_solvers_converge_faster(schedule):
-    """Endpoint error against a 1000-step Heun solve from the same noise: Euler is first order, Heun and
-    DPM-Solver++(2M) second order (observed order above 1.4 between NFE 10 and 40, where the first-order final step
-    of DPM-Solver++ does not yet dominate)."""
-    reference = run("heun", schedule, "v", 1000, n=2000)
-    order, final = {}, {}
-    for sampler in ("euler", "heun", "dpmpp_2m"):
-        e10, e20, e40 = (ode_error(sampler, schedule, nfe, reference) for nfe in (10, 20, 40))
-        assert e10 > e20 > e40, (sampler, e10, e20, e40)
-        order[sampler], final[sampler] = math.log2(e10 / e40) / 2, e40
-    assert 0.7 < order["euler"] < 1.3, order
-    assert order["heun"] > 1.4 and order["dpmpp_2m"] > 1.4, order
-    assert final["heun"] < final["euler"] and final["dpmpp_2m"] < final["euler"], final
+def test_higher_order_solvers_beat_euler_on_the_mixture(schedule):
+    """Endpoint error on the mixture against a 2000-step solve from the same noise (logsnr grid, final denoise at
+    s = 0.01): at 20 and 40 NFE every higher-order solver is closer than Euler, and each error falls with NFE."""
+    sch = common.Schedule(schedule)
+    t_min = t_at_s(sch, 0.01)
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = common.sample(
+        "dpmpp_2m",
+        common.make_denoiser(MIXTURE.model(sch, "v"), sch, "v"),
+        noise,
+        2000,
+        sch,
+        grid="logsnr",
+        t_min=t_min,
+    )
+    errors = {s: [ode_error(s, schedule, nfe, reference, t_min) for nfe in (20, 40)] for s in common.DETERMINISTIC}
+    for sampler, (e20, e40) in errors.items():
+        assert e40 < e20, (sampler, errors)
+        if sampler not in ("euler", "ddim"):
+            assert e20 < errors["euler"][0] and e40 < errors["euler"][1], (sampler, errors)
 
 
 @pytest.mark.parametrize("schedule", common.Schedule.KINDS)
@@ -168,17 +192,10 @@ def fixed_x0_denoiser(schedule, values):
     return denoise, calls
 
 
-def drift(schedule, t, x, x0, h=1e-6):
-    """dx/dt = alpha'(t) x0 + sigma'(t) eps, with the derivatives taken by central differences."""
-    a, s = (float(v) for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
-    (a1, s1), (a0, s0) = (schedule.alpha_sigma(torch.tensor(u, dtype=torch.float64)) for u in (t + h, t - h))
-    return float(a1 - a0) / (2 * h) * x0 + float(s1 - s0) / (2 * h) * (x - a * x0) / s
-
-
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_single_updates_match_the_written_out_methods(schedule):
-    """Euler, Heun (Karras et al. 2022 alg. 1) and DPM-Solver++(2M) (Lu et al. 2022 alg. 2), two steps each,
-    against the updates written out by hand."""
+    """Euler (in y = x / alpha, s = sigma / alpha), Heun (Karras et al. 2022 alg. 1, the trapezoid on x0 in lambda)
+    and DPM-Solver++(2M) (Lu et al. 2022 alg. 2), two steps each, against the updates written out by hand."""
     sch = common.Schedule(schedule)
     ts = torch.tensor([0.8, 0.6, 0.4], dtype=torch.float64)
     x_start, c = 0.9, (0.3, -0.5, 0.2, 0.1)
@@ -187,19 +204,26 @@ def test_single_updates_match_the_written_out_methods(schedule):
     sigma = lambda t: float(sch.alpha_sigma(torch.tensor(t, dtype=torch.float64))[1])  # noqa: E731
     lam = lambda t: math.log(alpha(t) / sigma(t))  # noqa: E731
 
+    s = lambda t: sigma(t) / alpha(t)  # noqa: E731  (Karras et al.'s coordinates: y = x / alpha, dy/ds = eps)
+    eps = lambda t, x_, x0: (x_ - alpha(t) * x0) / sigma(t)  # noqa: E731
+
     denoise, calls = fixed_x0_denoiser(sch, c)
     out = common.sample_euler(denoise, x, ts, sch)
-    x1 = x_start + (0.6 - 0.8) * drift(sch, 0.8, x_start, c[0])
-    x2 = x1 + (0.4 - 0.6) * drift(sch, 0.6, x1, c[1])
-    assert calls == [0.8, 0.6] and float(out) == pytest.approx(x2, rel=1e-6)
+    y1 = x_start / alpha(0.8) + (s(0.6) - s(0.8)) * eps(0.8, x_start, c[0])
+    y2 = y1 + (s(0.4) - s(0.6)) * eps(0.6, alpha(0.6) * y1, c[1])
+    assert calls == [0.8, 0.6] and float(out) == pytest.approx(alpha(0.4) * y2, rel=1e-9)
 
     denoise, calls = fixed_x0_denoiser(sch, c)
     out = common.sample_heun(denoise, x, ts, sch)
-    xe = x_start - 0.2 * drift(sch, 0.8, x_start, c[0])
-    x1 = x_start - 0.2 * 0.5 * (drift(sch, 0.8, x_start, c[0]) + drift(sch, 0.6, xe, c[1]))
-    xe = x1 - 0.2 * drift(sch, 0.6, x1, c[2])
-    x2 = x1 - 0.2 * 0.5 * (drift(sch, 0.6, x1, c[2]) + drift(sch, 0.4, xe, c[3]))
-    assert calls == pytest.approx([0.8, 0.6, 0.6, 0.4]) and float(out) == pytest.approx(x2, rel=1e-6)
+
+    def heun_step(t0, t1, x_, x0, x0_next):  # x0 linear in lambda: int_0^h e^{-(h-u)} (x0 + (x0_next - x0) u / h) du
+        h = lam(t1) - lam(t0)
+        i0 = 1 - math.exp(-h)
+        return sigma(t1) / sigma(t0) * x_ + alpha(t1) * (i0 * x0 + (h - i0) * (x0_next - x0) / h)
+
+    x1 = heun_step(0.8, 0.6, x_start, c[0], c[1])
+    x2 = heun_step(0.6, 0.4, x1, c[2], c[3])
+    assert calls == pytest.approx([0.8, 0.6, 0.6, 0.4]) and float(out) == pytest.approx(x2, rel=1e-9)
 
     denoise, calls = fixed_x0_denoiser(sch, c)
     out = common.sample_dpmpp_2m(denoise, x, ts, sch)
@@ -209,3 +233,237 @@ def test_single_updates_match_the_written_out_methods(schedule):
     d = (1 + 1 / (2 * r)) * c[1] - 1 / (2 * r) * c[0]
     x2 = sigma(0.4) / sigma(0.6) * x1 - alpha(0.4) * (math.exp(-h2) - 1) * d
     assert calls == [0.8, 0.6] and float(out) == pytest.approx(x2, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time grids, the final step, NFE, and the order of every deterministic sampler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def t_at_s(schedule, s):
+    """The t where sigma / alpha = s."""
+    return float(schedule.t_from_log_snr(torch.tensor(-2 * math.log(s), dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("schedule", common.Schedule.KINDS)
+def test_t_from_log_snr_inverts_log_snr(schedule):
+    sch = common.Schedule(schedule)
+    t = torch.linspace(1e-3, 0.99, 50, dtype=torch.float64)
+    torch.testing.assert_close(sch.t_from_log_snr(sch.log_snr(t)), t, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("schedule", common.Schedule.KINDS)
+@pytest.mark.parametrize("grid", common.GRIDS)
+@pytest.mark.parametrize("steps", [1, 2, 7, 50])
+def test_grid_endpoints_and_monotonicity(schedule, grid, steps):
+    sch = common.Schedule(schedule)
+    for t_max, t_min in ((1.0, 1e-3), (0.7, 0.05), (1.0, 0.0)):
+        if grid != "uniform" and t_min == 0:
+            continue
+        ts = common.time_grid(steps, t_max, t_min, kind=grid, schedule=sch)
+        assert len(ts) == steps + 1 and float(ts[0]) == t_max and float(ts[-1]) == t_min, (grid, ts)
+        assert (ts[1:] < ts[:-1]).all(), (grid, ts)
+
+
+@pytest.mark.parametrize("schedule", common.Schedule.KINDS)
+def test_grids_are_uniform_in_their_coordinate(schedule):
+    """karras: uniform in s^(1/rho) (Karras et al. eq. 5); logsnr: uniform in log-SNR; both after the jump from
+    t_max to s_max when the schedule starts above s_max (the cosine and flow paths start at s = 1e4)."""
+    sch = common.Schedule(schedule)
+    t_min = t_at_s(sch, 0.002)
+    for grid, rho in (("karras", 7.0), ("karras", 3.0), ("logsnr", 0.0)):
+        ts = common.time_grid(12, 1.0, t_min, kind=grid, schedule=sch, rho=rho or 7.0, s_max=80.0)
+        alpha, sigma = sch.alpha_sigma(ts)
+        s = sigma / alpha.clamp_min(common.ALPHA_FLOOR)
+        jumped = float(s[0]) > 80.0  # every schedule here: cosine and flow start at s = 1e4, linear VP at s = 153
+        assert jumped
+        coord = s.log() if grid == "logsnr" else s ** (1 / rho)
+        coord = coord[1:] if jumped else coord
+        if jumped:
+            assert float(s[1]) == pytest.approx(80.0, rel=1e-9)
+        gaps = coord[:-1] - coord[1:]
+        torch.testing.assert_close(gaps, torch.full_like(gaps, float(gaps.mean())), rtol=1e-6, atol=0)
+
+
+def test_grid_bad_arguments_are_one_line_errors():
+    sch = common.Schedule("cosine")
+    for grid in ("karras", "logsnr"):
+        with pytest.raises(SystemExit, match=f"the {grid} grid needs t_min > 0"):
+            common.time_grid(5, 1.0, 0.0, kind=grid, schedule=sch)
+    with pytest.raises(SystemExit, match="0 <= t_min < t_max <= 1"):
+        common.time_grid(5, 0.5, 0.6, kind="uniform", schedule=sch)
+    with pytest.raises(SystemExit, match="unknown time grid 'karas'"):
+        common.time_grid(5, kind="karas", schedule=sch)
+    with pytest.raises(SystemExit, match="unknown final step 'jump'"):
+        common.sample("ddim", None, torch.zeros(1, 2), 2, sch, final="jump")
+
+
+def test_grid_snaps_to_a_discrete_schedule():
+    ts = common.time_grid(20, 1.0, 0.002, kind="karras", schedule=common.Schedule("cosine"), t_steps=500)
+    assert torch.equal(ts, (ts * 500).round() / 500) and (ts[1:] < ts[:-1]).all() and float(ts[-1]) == 0.002
+
+
+@pytest.mark.parametrize("sampler", list(common.SAMPLERS))
+@pytest.mark.parametrize(
+    "grid,t_min,final",
+    [("uniform", 0.0, "denoise"), ("karras", 1e-3, "denoise"), ("logsnr", 1e-3, "none"), ("uniform", 0.0, "none")],
+)
+def test_denoiser_calls_equal_the_nfe_reported(sampler, grid, t_min, final):
+    sch = common.Schedule("cosine")
+    calls = []
+
+    def denoise(x, t):
+        calls.append(float(t[0]))
+        return MIXTURE.x0_eps(x, t, sch)
+
+    for nfe in (3, 4, 10):
+        calls.clear()
+        steps = common.steps_for_nfe(sampler, nfe, t_min, final)
+        x = common.sample(
+            sampler,
+            denoise,
+            torch.zeros(4, 2, dtype=torch.float64),
+            steps,
+            sch,
+            grid=grid,
+            t_min=t_min,
+            final=final,
+            generator=torch.Generator().manual_seed(0),
+        )
+        ts = common.time_grid(steps, 1.0, t_min, kind=grid, schedule=sch)
+        assert len(calls) == common.count_nfe(sampler, ts, final) <= nfe, (nfe, calls)
+        assert len(calls) >= nfe - 1 and torch.isfinite(x).all()
+        assert calls[-1] == pytest.approx(
+            t_min if t_min > 0 and final == "denoise" else float(ts[-2]) if t_min == 0 else calls[-1]
+        )
+
+
+def point_mass_denoiser(schedule, c):
+    """The data is the single point c: x0_hat = c, eps_hat = (x - alpha c) / sigma (the optimal denoiser)."""
+
+    def denoise(x, t):
+        alpha, sigma = (common.append_dims(v, x.ndim) for v in schedule.alpha_sigma(t.double()))
+        return torch.full_like(x, c), (x - alpha * c) / sigma
+
+    return denoise
+
+
+@pytest.mark.parametrize("schedule", common.Schedule.KINDS)
+@pytest.mark.parametrize("sampler", common.DETERMINISTIC)
+def test_deterministic_samplers_are_exact_on_a_point_mass(schedule, sampler):
+    """On a point mass the ODE's solution is x_t = alpha(t) c + sigma(t) eps_T (eps never changes), so every grid,
+    final="none" lands exactly there, and final="denoise" (or t_min = 0) returns c."""
+    sch = common.Schedule(schedule)
+    c, x_T = 0.3, torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
+    alpha_T, sigma_T = common._scalars(sch, 1.0)
+    eps_T = (x_T - alpha_T * c) / sigma_T
+    for grid in common.GRIDS:
+        t_min = t_at_s(sch, 0.01)
+        out = common.sample(sampler, point_mass_denoiser(sch, c), x_T, 6, sch, grid=grid, t_min=t_min, final="none")
+        alpha, sigma = common._scalars(sch, t_min)
+        torch.testing.assert_close(out, alpha * c + sigma * eps_T, rtol=1e-9, atol=1e-9, msg=f"{grid}")
+        out = common.sample(sampler, point_mass_denoiser(sch, c), x_T, 6, sch, grid=grid, t_min=t_min)
+        torch.testing.assert_close(out, torch.full_like(out, c), rtol=0, atol=1e-12)
+    out = common.sample(sampler, point_mass_denoiser(sch, c), x_T, 6, sch, grid="uniform", t_min=0.0)
+    torch.testing.assert_close(out, torch.full_like(out, c), rtol=0, atol=1e-12)
+
+
+GAUSS_MEAN, GAUSS_STD = 0.7, 0.4
+
+
+def gaussian_denoiser(schedule):
+    """The optimal denoiser of N(m, c^2): x0_hat = m + alpha c^2 / v (x - alpha m), eps_hat = sigma / v (x - alpha m),
+    v = alpha^2 c^2 + sigma^2."""
+
+    def denoise(x, t):
+        alpha, sigma = (common.append_dims(v, x.ndim) for v in schedule.alpha_sigma(t.double()))
+        var = alpha**2 * GAUSS_STD**2 + sigma**2
+        return GAUSS_MEAN + alpha * GAUSS_STD**2 / var * (x - alpha * GAUSS_MEAN), sigma / var * (
+            x - alpha * GAUSS_MEAN
+        )
+
+    return denoise
+
+
+def gaussian_flow(schedule, x, t_from, t_to):
+    """The exact probability-flow map of N(m, c^2) from t_from to t_to: it keeps (x - alpha m) / sqrt(v) fixed."""
+    (a0, s0), (a1, s1) = common._scalars(schedule, t_from), common._scalars(schedule, t_to)
+    z = (x - a0 * GAUSS_MEAN) / math.sqrt(a0**2 * GAUSS_STD**2 + s0**2)
+    return a1 * GAUSS_MEAN + math.sqrt(a1**2 * GAUSS_STD**2 + s1**2) * z
+
+
+def observed_order(sampler, schedule, steps=(16, 32, 64), grid="logsnr"):
+    """log2 of the ratio of endpoint errors when the steps double, on a Gaussian from s = 10 to s = 0.05."""
+    sch = common.Schedule(schedule)
+    t_max, t_min = t_at_s(sch, 10.0), t_at_s(sch, 0.05)
+    x = torch.linspace(-30, 30, 41, dtype=torch.float64)[:, None]
+    exact = gaussian_flow(sch, x, t_max, t_min)
+    errors = []
+    for n in steps:
+        out = common.sample(
+            sampler, gaussian_denoiser(sch), x, n, sch, t_max=t_max, t_min=t_min, grid=grid, final="none"
+        )
+        errors.append(float((out - exact).abs().max()))
+    return [math.log2(errors[i] / errors[i + 1]) for i in range(len(errors) - 1)], errors
+
+
+ORDER = {
+    "ddim": (0.9, 1.1),
+    "euler": (0.9, 1.1),
+    "heun": (1.9, 2.2),
+    "dpmpp_2m": (1.8, 2.2),
+    "dpmpp_3m": (2.8, 4.6),
+    "unipc": (3.0, 4.9),
+}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "flow"])
+@pytest.mark.parametrize("sampler", common.DETERMINISTIC)
+def test_empirical_order_on_a_gaussian(schedule, sampler):
+    """Euler / DDIM first order, Heun and DPM-Solver++(2M) second, DPM-Solver++(3M) third (its startup steps are
+    lower order, but at high noise the data prediction barely moves, so the observed order is 3 to 4), UniPC at least
+    third (its corrector adds one)."""
+    orders, errors = observed_order(sampler, schedule)
+    low, high = ORDER[sampler]
+    assert all(low < p < high for p in orders), (orders, errors)
+
+
+def test_a_wrong_coefficient_breaks_the_order(monkeypatch):
+    """The order test can fail: halving the u^2 integral of the exponential integrator (I_2, the coefficient of the
+    second divided difference) takes DPM-Solver++(3M) down to second order, and an off-by-one in Heun's trapezoid
+    (weights 0.6 / 0.4) down to first."""
+    good = common._phi_integrals
+    monkeypatch.setattr(
+        common, "_phi_integrals", lambda h, n: [v * (0.5 if k == 2 else 1) for k, v in enumerate(good(h, n))]
+    )
+    orders, _ = observed_order("dpmpp_3m", "cosine")
+    assert not all(ORDER["dpmpp_3m"][0] < p for p in orders), orders
+
+
+def test_exponential_weights_against_quadrature():
+    """_exp_weights integrates e^{-(h - u)} times the interpolating polynomial exactly: compare with a fine
+    Simpson rule on the Lagrange polynomial, for small and large h (series and recurrence branches)."""
+    for h, nodes in (
+        (0.05, [0.0, -0.04, -0.1]),
+        (0.7, [0.7, 0.0, -0.5, -1.3]),
+        (3.0, [0.0, -2.0]),
+        (1e-4, [0.0, -1e-4, -3e-4]),
+    ):
+        values = [1.3, -0.4, 2.2, 0.9][: len(nodes)]
+        u = torch.linspace(0, h, 20001, dtype=torch.float64)
+        poly = sum(
+            v * math.prod((u - nodes[k]) / (nodes[j] - nodes[k]) for k in range(len(nodes)) if k != j)
+            for j, v in enumerate(values)
+        )
+        f = torch.exp(-(h - u)) * poly
+        simpson = float((f[:-1:2] + 4 * f[1::2] + f[2::2]).sum() * (u[1] - u[0]) / 3)
+        ours = sum(w * v for w, v in zip(common._exp_weights(h, nodes), values))
+        assert ours == pytest.approx(simpson, rel=1e-9, abs=1e-15), (h, nodes)
+
+
+def test_two_sample_error_is_zero_against_itself_and_small_between_draws():
+    a = MIXTURE.sample(20000, torch.Generator().manual_seed(0))
+    b = MIXTURE.sample(20000, torch.Generator().manual_seed(1))
+    assert MIXTURE.error(a, a)["max"] == 0.0
+    assert MIXTURE.error(a, b)["max"] < 0.1
+    assert MIXTURE.error(a * 1.2, b)["max"] > 0.15
