@@ -14,6 +14,7 @@ Each prints a table and writes bench_<name>.json (key out_dir=... to choose the 
 import contextlib
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -86,39 +87,210 @@ def write_result(path, result):
 
 SAMPLER_MIXTURE = {"weights": [0.5, 0.3, 0.2], "means": [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], "stds": [0.3, 0.5, 0.2]}
 SAMPLER_BENCH = {  # key=value overrides of `python bench.py samplers`
-    "N": 50_000,  # samples per sampler, schedule and NFE
+    "N": 50_000,  # samples per sampler, schedule, grid, NFE and repeat
+    "REPEATS": 4,  # independent (noise, reference draw) pairs each error is averaged over
+    "NFES": (5, 10, 20, 50),  # network evaluations (heun may use one fewer: 2 per step + the final denoise)
+    "S_MAX": 10.0,  # karras / logsnr grids: the first step jumps from t = 1 to sigma / alpha = S_MAX
+    "S_MIN": 0.03,  # karras / logsnr grids end at sigma / alpha = S_MIN, then the final denoise (1 NFE)
+    "RHO": 7.0,  # karras grid exponent (Karras et al. 2022 eq. 5)
+    "MIXTURE": True,  # the mixture tables (false: only the image check)
+    "IMAGE_RUN": "",  # a train_stl10.py run: also FD-EffNet of its samples at IMAGE_NFES for IMAGE_SAMPLERS
+    "IMAGE_SAMPLERS": ("unipc", "dpmpp_2m", "heun", "ddpm"),  # samplers of the image check
+    "IMAGE_NFES": (10, 20, 50),  # NFE of the image check (each sample: 2 network passes per NFE with guidance)
+    "IMAGE_GRID": "logsnr",  # time grid of the image check (uniform for ddpm, whose steps the run was made for)
+    "IMAGE_N": 500,  # samples per image-check row (sample i from seed i, class i % K), scored against N held-out
     "OUT_DIR": ".",  # where bench_samplers.json goes
 }
 
 
+def grid_options(grid, schedule, s_max, s_min, rho):
+    """common.sample keywords of a bench grid: uniform ends at t = 0 (its last step jumps to x0_hat, as before the
+    grids existed); karras and logsnr run from t = 1 to sigma / alpha = s_min, then the final denoise."""
+    if grid == "uniform":
+        return {"grid": "uniform", "t_min": 0.0}
+    t_min = float(schedule.t_from_log_snr(torch.tensor(-2 * math.log(s_min), dtype=torch.float64)))
+    return {"grid": grid, "t_min": t_min, "s_max": s_max, "rho": rho}
+
+
+def mixture_errors(mixture, schedule, sampler, options, nfes, noises, refs):
+    """The mean over repeats of GaussianMixture.error(samples, reference draw) at each NFE, and the NFE used."""
+    denoise = common.make_denoiser(mixture.model(schedule, "v"), schedule, "v")
+    errors, used = {}, {}
+    for nfe in nfes:
+        steps = common.steps_for_nfe(sampler, nfe, options["t_min"])
+        ts = common.time_grid(
+            steps,
+            1.0,
+            options["t_min"],
+            kind=options["grid"],
+            schedule=schedule,
+            rho=options.get("rho", 7.0),
+            s_max=options.get("s_max", 80.0),
+        )
+        used[nfe] = common.count_nfe(sampler, ts)
+        total = 0.0
+        for r, (noise, ref) in enumerate(zip(noises, refs)):
+            x = common.sample(
+                sampler, denoise, noise, steps, schedule, generator=torch.Generator().manual_seed(r), **options
+            )
+            total += mixture.error(x, ref)["max"]
+        errors[nfe] = total / len(noises)
+    return errors, used
+
+
 def bench_samplers(argv):
-    """Distribution error (GaussianMixture.error: max of weight, mean / std and relative std errors) against NFE for
-    every sampler and schedule, driven by the mixture's closed-form optimal denoiser (v-prediction)."""
+    """Distribution error against NFE for every sampler x time grid x schedule, driven by a 2D Gaussian mixture's
+    closed-form optimal denoiser (v-prediction): GaussianMixture.error (max of the per-component weight, mean / s_k
+    and std / s_k errors) between the samples and an independent draw of the mixture, averaged over REPEATS
+    (noise, draw) pairs. The floor is the same metric between two independent draws. With image_run=, also the image
+    check: FD-EffNet of a train_stl10.py run's samples at IMAGE_NFES for IMAGE_SAMPLERS."""
     cfg = common.apply_overrides(dict(SAMPLER_BENCH, __doc__=bench_samplers.__doc__), argv)
-    n, out_dir = cfg["n"], cfg["out_dir"]
-    if n < 2:
-        common.die(f"n={n}: give at least 2 samples")
-    path = result_path(out_dir, "samplers")
+    n, repeats, nfes = cfg["n"], cfg["repeats"], cfg["nfes"]
+    common.check(n >= 2, f"n={n}: give at least 2 samples")
+    common.check(repeats >= 1, f"repeats={repeats}: give at least 1")
+    common.check(len(nfes) > 0 and all(isinstance(k, int) and k >= 2 for k in nfes), f"nfes={nfes}: give NFEs >= 2")
+    common.check(0 < cfg["s_min"] < cfg["s_max"], f"s_min={cfg['s_min']}, s_max={cfg['s_max']}: need 0 < s_min < s_max")
+    common.check(cfg["rho"] > 0, f"rho={cfg['rho']}: give a positive exponent")
+    for name in cfg["image_samplers"]:
+        common.check(name in common.SAMPLERS, f"image_samplers: {name!r} is not one of {', '.join(common.SAMPLERS)}")
+    if cfg["image_run"]:
+        common.resolve_checkpoint(cfg["image_run"])  # a missing run stops now, not after the mixture tables
+    path = result_path(cfg["out_dir"], "samplers")
+    if not cfg["mixture"]:
+        write_result(path, {"images": image_check(cfg)})
+        return
     torch.set_num_threads(1)  # many tiny tensor operations: intra-op threads only add overhead
     mixture = common.GaussianMixture(**SAMPLER_MIXTURE)
-    floor = mixture.error(mixture.sample(n, torch.Generator().manual_seed(0)))["max"]
-    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    nfes, rows = (5, 10, 20, 50), []
+    draw = lambda seed: mixture.sample(n, torch.Generator().manual_seed(seed))  # noqa: E731
+    refs = [draw(1000 + r) for r in range(repeats)]
+    floor = sum(mixture.error(draw(2000 + r), refs[r])["max"] for r in range(repeats)) / repeats
+    noises = [
+        torch.randn(n, 2, generator=torch.Generator().manual_seed(3000 + r), dtype=torch.float64)
+        for r in range(repeats)
+    ]
+    rows = []
     for kind in common.Schedule.KINDS:
         schedule = common.Schedule(kind)
-        denoise = common.make_denoiser(mixture.model(schedule, "v"), schedule, "v")
-        for name in common.SAMPLERS:
-            row = {"schedule": kind, "sampler": name, "error": {}}
-            for nfe in nfes:
-                steps = (nfe + 1) // 2 if name == "heun" else nfe  # heun: 2 * steps - 1 evaluations
-                x = common.sample(name, denoise, noise, steps, schedule, generator=torch.Generator().manual_seed(2))
-                row["error"][nfe] = mixture.error(x)["max"]
-            rows.append(row)
-    print(f"distribution error vs NFE, {n} samples (exact samples score {floor:.4f}); heun uses 2*steps-1 <= NFE")
-    print(f"{'schedule':<8} {'sampler':<9} " + " ".join(f"{'NFE ' + str(k):>8}" for k in nfes))
+        for grid in common.GRIDS:
+            options = grid_options(grid, schedule, cfg["s_max"], cfg["s_min"], cfg["rho"])
+            for name in common.SAMPLERS:
+                errors, used = mixture_errors(mixture, schedule, name, options, nfes, noises, refs)
+                rows.append({"schedule": kind, "grid": grid, "sampler": name, "error": errors, "nfe_used": used})
+    print(
+        f"distribution error vs NFE: {n} samples, mean of {repeats} (noise, reference draw) pairs; the floor (two "
+        f"independent draws of the mixture) is {floor:.4f}. uniform: t from 1 to 0; karras (rho {cfg['rho']:g}) "
+        f"and logsnr: t = 1, then sigma / alpha from {cfg['s_max']:g} to {cfg['s_min']:g}, then the final denoise"
+    )
+    print(
+        f"{'schedule':<8} {'grid':<8} {'sampler':<9} "
+        + " ".join(f"{'NFE ' + str(k):>8}" for k in nfes)
+        + "   x floor at NFE "
+        + str(nfes[min(1, len(nfes) - 1)])
+    )
     for r in rows:
-        print(f"{r['schedule']:<8} {r['sampler']:<9} " + " ".join(f"{r['error'][k]:>8.4f}" for k in nfes))
-    write_result(path, {"n": n, "exact_samples_error": floor, "mixture": SAMPLER_MIXTURE, "rows": rows})
+        k = nfes[min(1, len(nfes) - 1)]
+        print(
+            f"{r['schedule']:<8} {r['grid']:<8} {r['sampler']:<9} "
+            + " ".join(f"{r['error'][nfe]:>8.4f}" for nfe in nfes)
+            + f"   {r['error'][k] / floor:>6.2f}"
+        )
+    summary = sampler_summary(rows, nfes, floor)
+    for line in summary["lines"]:
+        print(line)
+    images = image_check(cfg) if cfg["image_run"] else None
+    result = {
+        "n": n,
+        "repeats": repeats,
+        "floor": floor,
+        "mixture": SAMPLER_MIXTURE,
+        "rows": rows,
+        "best": summary["best"],
+        "worse_than_ddim": summary["worse_than_ddim"],
+        "images": images,
+    }
+    write_result(path, {**{k: cfg[k] for k in ("s_max", "s_min", "rho")}, **result})
+
+
+def sampler_summary(rows, nfes, floor):
+    """Per schedule and NFE the best (sampler, grid) and its ratio to the floor; every row worse than DDIM on the
+    same schedule and grid at the same NFE."""
+    best, worse, lines = {}, [], []
+    for kind in common.Schedule.KINDS:
+        for nfe in nfes:
+            mine = [r for r in rows if r["schedule"] == kind]
+            top = min(mine, key=lambda r: r["error"][nfe])
+            best[f"{kind}/{nfe}"] = {
+                "sampler": top["sampler"],
+                "grid": top["grid"],
+                "error": top["error"][nfe],
+                "x_floor": top["error"][nfe] / floor,
+            }
+        lines.append(
+            f"best on {kind}: "
+            + ", ".join(
+                f"NFE {nfe} {best[f'{kind}/{nfe}']['sampler']}/{best[f'{kind}/{nfe}']['grid']} "
+                f"{best[f'{kind}/{nfe}']['x_floor']:.2f}x floor"
+                for nfe in nfes
+            )
+        )
+    for r in rows:
+        ddim = next(
+            d for d in rows if d["schedule"] == r["schedule"] and d["grid"] == r["grid"] and d["sampler"] == "ddim"
+        )
+        for nfe in nfes:
+            if r["error"][nfe] > ddim["error"][nfe]:
+                worse.append(f"{r['schedule']}/{r['grid']}/{r['sampler']}@{nfe}")
+    lines.append("worse than DDIM on the same schedule, grid and NFE: " + (", ".join(worse) or "none"))
+    return {"best": best, "worse_than_ddim": worse, "lines": lines}
+
+
+def image_check(cfg):
+    """FD-EffNet of IMAGE_N samples of a train_stl10.py run (EMA weights, its guidance) against IMAGE_N held-out
+    images, for each of IMAGE_SAMPLERS at IMAGE_NFES; ddpm on the uniform grid, the others on IMAGE_GRID from t = 1 to
+    the run's smallest training time 1 / t_steps, then the final denoise."""
+    import evaluate
+    import train_stl10
+
+    ckpt = common.resolve_checkpoint(cfg["image_run"])
+    config = common.load_config(ckpt)
+    common.check(
+        config.get("script") == "train_stl10",
+        f"image_run={cfg['image_run']!r} is not a train_stl10.py run; the image check samples STL-10 images",
+    )
+    model = evaluate.rebuild(ckpt, config, "ema")
+    rows = []
+    for name in cfg["image_samplers"]:
+        for nfe in cfg["image_nfes"]:
+            grid = "uniform" if name == "ddpm" else cfg["image_grid"]
+            t_min = 0.0 if grid == "uniform" else 1.0 / config["t_steps"]
+            opts = {**train_stl10.EVAL, "checkpoint": ckpt}
+            opts = {k.lower(): v for k, v in opts.items()}
+            opts.update(
+                n_samples=cfg["image_n"],
+                n_real=cfg["image_n"],
+                floor=False,
+                sampler=name,
+                grid=grid,
+                t_min=t_min,
+                sample_steps=common.steps_for_nfe(name, nfe, t_min),
+            )
+            result, _ = train_stl10.evaluate(model, config, opts, os.path.join(cfg["out_dir"], "bench_samplers_images"))
+            rows.append(
+                {
+                    "sampler": name,
+                    "grid": grid,
+                    "nfe": result["nfe"],
+                    "FD-EffNet": result["FD-EffNet"],
+                    "KID-EffNet": result["KID-EffNet"],
+                    "sampling_s": result["sampling_s"],
+                }
+            )
+            print(
+                f"image check: {name:<9} {grid:<8} NFE {result['nfe']:>3}  FD-EffNet {result['FD-EffNet']:.1f}  "
+                f"KID-EffNet {result['KID-EffNet']:.3f}  ({result['sampling_s']:.0f} s)",
+                flush=True,
+            )
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

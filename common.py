@@ -543,7 +543,9 @@ def time_grid(steps, t_max=1.0, t_min=0.0, kind="uniform", schedule=None, rho=7.
         ts = torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
     else:
         if t_min <= 0:
-            die(f"the {kind} grid needs t_min > 0 (log-SNR is infinite at t = 0); its last step to 0 is the final denoise")
+            die(
+                f"the {kind} grid needs t_min > 0 (log-SNR is infinite at t = 0); its last step to 0 is the final denoise"
+            )
         lam_top, lam_min = _floored_log_snr(schedule, torch.tensor([t_max, t_min], dtype=torch.float64)).tolist()
         jump = steps > 1 and lam_top < -2 * math.log(s_max)  # s(t_max) > s_max: one step from t_max to s_max
         if jump:
@@ -704,16 +706,15 @@ def _multistep(denoise, x, ts, schedule, order, callback, corrector=False):
         if callback:
             callback(i, t, x, x0)
         x0s, lams = ([x0] + x0s)[:order], ([_half_lambda(schedule, t)] + lams)[:order]
-        p = len(x0s)
         alpha_t, sigma_t = _scalars(schedule, t)
         alpha_s, sigma_s = _scalars(schedule, t_next)
         h = _step_h(schedule, t, t_next)
-        nodes = [lam - lams[0] for lam in lams[:p]]
-        x_pred = _exp_update(x, x0s[:p], nodes, alpha_t, sigma_t, alpha_s, sigma_s, h)
+        nodes = [lam - lams[0] for lam in lams]
+        x_pred = _exp_update(x, x0s, nodes, alpha_t, sigma_t, alpha_s, sigma_s, h)
         x0_next = None
-        if corrector and i < len(ts) - 2 and math.isfinite(h):
+        if corrector and i < len(ts) - 2:  # from alpha = 0 (h infinite) the corrected step's limit is x0_next
             x0_next = _call(denoise, x_pred, t_next)[0]
-            x_pred = _exp_update(x, [x0_next] + x0s[:p], [h] + nodes, alpha_t, sigma_t, alpha_s, sigma_s, h)
+            x_pred = _exp_update(x, [x0_next] + x0s, [h] + nodes, alpha_t, sigma_t, alpha_s, sigma_s, h)
         x = x_pred
     return x
 
@@ -784,37 +785,43 @@ def steps_for_nfe(name, nfe, t_min=0.0, final="denoise"):
     return max(1, nfe - extra)
 
 
-def sample(
-    name,
-    denoise,
-    noise,
-    steps,
-    schedule,
-    generator=None,
-    eta=0.0,
-    progress=False,
-    callback=None,
-    t_max=1.0,
-    grid="uniform",
-    t_min=0.0,
-    final="denoise",
-    rho=7.0,
-    s_max=80.0,
-    t_steps=0,
-    shift=1.0,
-):
-    """Run sampler `name` for `steps` steps from `noise` (the state at t_max) down to t_min on time_grid(kind=grid),
-    then the final step: at t_min = 0 the last step already returned x0_hat; at t_min > 0 final="denoise" returns
-    x0_hat(x, t_min) (one more denoiser call) and final="none" returns x at t_min as it is. shift != 1 applies the
-    resolution shift to the grid. count_nfe gives the denoiser calls; with progress=True a tqdm bar counts steps.
+def sample_grid(steps, schedule, t_max=1.0, grid="uniform", t_min=0.0, rho=7.0, s_max=80.0, t_steps=0, shift=1.0):
+    """The grid sample() runs on: time_grid, then the resolution shift when shift != 1."""
+    ts = time_grid(steps, t_max, t_min, kind=grid, schedule=schedule, rho=rho, s_max=s_max, t_steps=t_steps)
+    return resolution_shift(ts, shift) if shift != 1.0 else ts
+
+
+def sampling_settings(config, sampler="", grid="", t_min=-1.0, legacy_sampler="euler"):
+    """(sampler, {"grid", "t_min"}) of a run's config, each replaced when given (sampler or grid non-empty, t_min >=
+    0); a config from before the grids existed sampled with `legacy_sampler` on the uniform grid down to t = 0."""
+    sampler = sampler or config.get("sampler", legacy_sampler)
+    grid = grid or config.get("sample_grid", "uniform")
+    return sampler, {"grid": grid, "t_min": t_min if t_min >= 0 else config.get("t_min", 0.0)}
+
+
+def check_sampling(sampler, grid, t_min, allowed=None):
+    """One-line errors for sampling settings that cannot work: a sampler or grid not offered, t_min outside [0, 1),
+    a karras or logsnr grid without t_min > 0."""
+    allowed = allowed or tuple(SAMPLERS)
+    check(sampler in allowed, f"sampler={sampler!r}: choose one of {', '.join(allowed)}")
+    check(grid in GRIDS, f"sample_grid={grid!r}: choose one of {', '.join(GRIDS)}")
+    check(0 <= t_min < 1, f"t_min={t_min}: give 0 <= t_min < 1")
+    check(grid == "uniform" or t_min > 0, f"sample_grid={grid} needs t_min > 0 (where the grid ends, then a denoise)")
+
+
+def sample(name, denoise, noise, steps, schedule, generator=None, eta=0.0, progress=False, callback=None, **grid):
+    """Run sampler `name` for `steps` steps from `noise` (the state at t_max) on sample_grid(steps, schedule, **grid)
+    (keywords t_max, grid, t_min, rho, s_max, t_steps, shift, and final), then the final step: where the grid ends at
+    t = 0 its last step already returned x0_hat; at t_min > 0 final="denoise" (the default) returns x0_hat(x, t_min)
+    (one more denoiser call) and final="none" returns x at t_min as it is. count_nfe(name, ts, final) gives the
+    denoiser calls; with progress=True a tqdm bar counts steps.
     """
     if name not in SAMPLERS:
         die(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    final = grid.pop("final", "denoise")
     if final not in FINAL_STEPS:
         die(f"unknown final step {final!r}; choose one of {', '.join(FINAL_STEPS)}")
-    ts = time_grid(steps, t_max, t_min, kind=grid, schedule=schedule, rho=rho, s_max=s_max, t_steps=t_steps)
-    if shift != 1.0:
-        ts = resolution_shift(ts, shift)
+    ts = sample_grid(steps, schedule, **grid)
     bar = progress_bar(total=len(ts) - 1, desc=f"sampling ({name})", disable=not progress)
 
     def step_callback(i, t, x, x0):

@@ -72,7 +72,10 @@ LOGIT_STD: common.bounds("> 0") = 1.0
 MIN_SNR_GAMMA: common.bounds("> 0") = 5.0  # soft Min-SNR weight SNR gamma / (SNR + gamma)
 LABEL_DROP: common.bounds("0..1") = 0.1  # probability of training with every condition dropped (CFG)
 GUIDANCE: common.bounds(">= 0") = 2.5  # sampling guidance scale (1 = conditional, no guidance)
-SAMPLE_STEPS: common.bounds("> 0") = 25  # Euler steps
+SAMPLER: common.choices(*common.DETERMINISTIC) = "euler"  # ODE sampler (common.SAMPLERS)
+SAMPLE_STEPS: common.bounds("> 0") = 25  # sampler steps
+SAMPLE_GRID: common.choices(*common.GRIDS) = "uniform"  # time grid (common.time_grid)
+T_MIN: common.bounds("0..0.999") = 0.0  # where the grid ends: 0 = t = 0 (uniform only); > 0 then a final denoise
 # optim
 BATCH_SIZE: common.bounds("> 0") = 64  # windows per optimizer update, across processes and accumulation
 GRAD_ACCUM: common.bounds("> 0") = 1  # micro-batches per optimizer update
@@ -1122,10 +1125,10 @@ def training_loss(model, x0, idx, conds, config, schedule, gen):
 
 
 @torch.no_grad()
-def generate(model, conds, idx, seeds, config, guidance, steps, ae=None):
-    """Euler on the probability-flow ODE (the rectified-flow sampler), `steps` steps, guidance at `guidance`, for
-    the conditions of windows `idx` (B,) and noise seeded per sample by `seeds` -> model-space samples (B, ...) on
-    the model's device; in a latent run the latents are decoded by the autoencoder `ae`."""
+def generate(model, conds, idx, seeds, config, guidance, steps, ae=None, sampling=None):
+    """The run's ODE sampler (`sampling` = (sampler, grid keywords) replaces it; see common.sampling_settings),
+    `steps` steps, guidance at `guidance`, for the conditions of windows `idx` (B,) and noise seeded per sample by
+    `seeds` -> model-space samples (B, ...) on the model's device; in a latent run the latents are decoded by `ae`."""
     device = next(model.parameters()).device
     schedule = common.Schedule("flow")
     noise = common.seeded_noise(seeds, model_shape(config), device)
@@ -1138,7 +1141,8 @@ def generate(model, conds, idx, seeds, config, guidance, steps, ae=None):
         c, u = make_cond(conds, idx, no_drop, config), make_cond(conds, idx, all_drop, config)
         fn = common.cfg_model(model, c, u, guidance)
     denoise = common.make_denoiser(fn, schedule, "flow")
-    return decoded(common.sample("euler", denoise, noise, steps, schedule), ae, config)
+    sampler, options = sampling or common.sampling_settings(config)
+    return decoded(common.sample(sampler, denoise, noise, steps, schedule, **options), ae, config)
 
 
 def decoded(x, ae, config):
@@ -1286,6 +1290,7 @@ def latent_windows(ae, ae_config, ae_dir, data, config, run, out_dir):
 def main(argv):
     config = common.apply_overrides(globals(), argv)
     config.update(script="train_eeg", size=SIZE or _DEFAULT_SIZE[MODEL], data=DATA or _DEMO)
+    common.check_sampling(SAMPLER, SAMPLE_GRID, T_MIN)
     config["sample_shape"], ae = list(input_shape(config)), None
     if LATENT:  # the autoencoder is checked against this run before anything else happens
         ae, ae_config, ae_dir = open_autoencoder(config)
@@ -1363,8 +1368,11 @@ def main(argv):
 EVAL = {  # `python evaluate.py RUN key=value` options for train_eeg checkpoints
     "N_SAMPLES": 256,  # generated windows; sample i starts from seed i with the conditions of held-out window i % n
     "GUIDANCE": -1.0,  # classifier-free guidance scale; -1 the checkpoint's
-    "SAMPLE_STEPS": -1,  # Euler steps; -1 the checkpoint's
-    "BATCH": 64,  # windows per sampling / feature batch (the Euler sampler is deterministic: results do not change)
+    "SAMPLE_STEPS": -1,  # sampler steps; -1 the checkpoint's
+    "SAMPLER": "",  # "" the checkpoint's; one of common.DETERMINISTIC
+    "GRID": "",  # "" the checkpoint's time grid; one of common.GRIDS
+    "T_MIN": -1.0,  # where the grid ends (see T_MIN); -1 the checkpoint's
+    "BATCH": 64,  # windows per sampling / feature batch (the samplers are deterministic: results do not change)
     "DATA": "",  # "" the checkpoint's data (its cache is reused; the split and z-score are the run's)
     "SPLIT": "test",  # held-out split the samples are scored against: test | val
     "BASELINES": True,  # also score Gaussian noise and real training windows (the floor) the same way
@@ -1372,6 +1380,11 @@ EVAL = {  # `python evaluate.py RUN key=value` options for train_eeg checkpoints
     "N_FILES": 8,  # generated time series written as EEG files (variant=timeseries); 0 none
     "FILE_FORMAT": "edf",  # edf | fif
 }
+
+
+def eval_sampling(opts, config):
+    """(sampler, grid keywords) of an evaluation: the checkpoint's unless SAMPLER / GRID / T_MIN are given."""
+    return common.sampling_settings(config, opts["sampler"], opts["grid"], opts["t_min"])
 
 
 def check_eval_options(opts, config):
@@ -1383,6 +1396,10 @@ def check_eval_options(opts, config):
         common.die(f"sample_steps={opts['sample_steps']}: give a positive number of steps, or -1 for the checkpoint's")
     if opts["guidance"] < 0 and opts["guidance"] != -1:
         common.die(f"guidance={opts['guidance']}: give a scale >= 0, or -1 for the checkpoint's")
+    if opts["t_min"] != -1 and not 0 <= opts["t_min"] < 1:
+        common.die(f"t_min={opts['t_min']}: give 0 <= t_min < 1, or -1 for the checkpoint's")
+    sampler, options = eval_sampling(opts, config)
+    common.check_sampling(sampler, options["grid"], options["t_min"], common.DETERMINISTIC)
     if opts["split"] not in ("test", "val"):
         common.die(f"split={opts['split']!r}: choose test or val")
     if opts["classifier_steps"] < 0 or opts["n_files"] < 0:
@@ -1430,6 +1447,7 @@ def evaluate(model, config, opts, out_dir):
     device = next(model.parameters()).device
     guidance = opts["guidance"] if opts["guidance"] != -1 else config["guidance"]
     steps = opts["sample_steps"] if opts["sample_steps"] > 0 else config["sample_steps"]
+    sampling = eval_sampling(opts, config)
     data = prepare(config, opts["data"] or config["data"], stats=dict(config["stats"]))
     if data.names != config["class_names"]:
         common.die(
@@ -1449,10 +1467,13 @@ def evaluate(model, config, opts, out_dir):
     fake = []
     for s in common.progress_bar(range(0, n, opts["batch"]), desc="sampling"):
         seeds = range(s, min(n, s + opts["batch"]))
-        fake.append(generate(model, conds, asked[s : s + opts["batch"]], seeds, config, guidance, steps, ae).cpu())
+        batch = generate(model, conds, asked[s : s + opts["batch"]], seeds, config, guidance, steps, ae, sampling)
+        fake.append(batch.cpu())
     fake = torch.cat(fake)
     result = {"n_samples": n, "n_heldout": len(held), "split": opts["split"], "data": opts["data"] or config["data"]}
-    result.update(guidance=guidance, steps=steps, sampling_s=round(time.time() - t0, 1))
+    nfe = common.count_nfe(sampling[0], common.sample_grid(steps, common.Schedule("flow"), **sampling[1]))
+    result.update(guidance=guidance, sampler=sampling[0], steps=steps, **sampling[1], nfe=nfe)
+    result.update(sampling_s=round(time.time() - t0, 1))
     ref = {"features": common.features(extract, pictures(data.x[held], config, data.stats), opts["batch"])}
     ref["psd"] = power_spectra(data.x[held], config, data.stats)[1]
     sets = {"samples": fake}

@@ -72,7 +72,10 @@ MIN_SNR_GAMMA: common.bounds(">= 0") = 5.0  # Min-SNR-gamma weight; 0 off
 SHIFT_BASE: common.bounds("> 0") = 64  # rflow shift r = side / SHIFT_BASE (numel ratio ^ 1/dims; latent: its side)
 LABEL_DROP: common.bounds("0..1") = 0.1  # probability of training with the condition dropped (CFG)
 GUIDANCE: common.bounds(">= 0") = 1.0  # sampling guidance scale (1 = conditional, no guidance)
-SAMPLE_STEPS: common.bounds("> 0") = 50  # DDIM (ddpm) or Euler (rflow) steps
+SAMPLER: common.choices(*common.DETERMINISTIC) = "ddim"  # ODE sampler (common.SAMPLERS)
+SAMPLE_STEPS: common.bounds("> 0") = 50  # sampler steps (ddpm, uniform grid to 0: must divide 1000)
+SAMPLE_GRID: common.choices(*common.GRIDS) = "uniform"  # time grid (common.time_grid; rflow: then shifted by r)
+T_MIN: common.bounds("0..0.999") = 0.0  # where the grid ends: 0 = t = 0 (uniform only); > 0 then a final denoise
 # optim
 BATCH_SIZE: common.bounds("> 0") = 16  # samples per optimizer update, across processes and accumulation
 GRAD_ACCUM: common.bounds("> 0") = 1  # micro-batches per optimizer update
@@ -1091,13 +1094,37 @@ def build_model(config):
     return model
 
 
+def sampling_for(config, opts=None):
+    """(sampler, common.sample keywords) of a run, or with `opts` of an evaluation's SAMPLER / GRID / T_MIN: ddpm
+    snaps every time to its 1000 training steps, rflow shifts the grid by r; checkpoints from before the grids
+    existed sampled with DDIM (ddpm) or Euler (rflow) on the uniform grid to t = 0."""
+    o = opts or {}
+    legacy = "ddim" if config["strategy"] == "ddpm" else "euler"
+    sampler, options = common.sampling_settings(
+        config, o.get("sampler", ""), o.get("grid", ""), o.get("t_min", -1.0), legacy
+    )
+    if config["strategy"] == "ddpm":
+        options["t_steps"] = 1000
+    else:
+        options["shift"] = strategy(config)[2]
+    return sampler, options
+
+
+def check_sampling(config, sampler, options, steps=None):
+    """One-line errors for sampling settings that cannot work (see common.check_sampling); ddpm on the uniform grid to
+    t = 0 needs steps dividing 1000, on other grids t_min >= 1 / 1000 (its smallest training time)."""
+    steps = steps or config["sample_steps"]
+    common.check_sampling(sampler, options["grid"], options["t_min"], common.DETERMINISTIC)
+    if config["strategy"] == "ddpm" and options["grid"] == "uniform" and options["t_min"] == 0:
+        common.check(1000 % steps == 0, f"sample_steps={steps} must divide 1000 (ddpm), or give t_min >= 0.001")
+    elif config["strategy"] == "ddpm":
+        common.check(options["t_min"] >= 1e-3, f"t_min={options['t_min']}: ddpm needs t_min >= 0.001 (1 / 1000)")
+
+
 def check_shapes(config):
     """Build on the meta device and run one sample through, so a crop / size / patch / space that the backbone's
     downsampling cannot divide stops with one line before any data is read."""
-    if config["strategy"] == "ddpm":
-        common.check(
-            1000 % config["sample_steps"] == 0, f"sample_steps={config['sample_steps']} must divide 1000 (ddpm)"
-        )
+    check_sampling(config, *sampling_for(config))
     common.check(
         len(config["crop"]) == 3, f"crop={tuple(config['crop'])}: give three sizes (D, H, W), e.g. crop=(64,96,96)"
     )
@@ -1186,10 +1213,10 @@ def augment(z_t, target, concat, drop, config, gen):
 
 
 @torch.no_grad()
-def generate(model, mask, vector, seeds, config, guidance, steps, callback=None, ae=None):
-    """Samples in pixel space [B, n_gen, *spatial] in [-1, 1] for the masks / vectors given (B rows): DDIM (ddpm)
-    or Euler on the shifted time grid (rflow), with classifier-free guidance at `guidance`; a latent run's samples
-    are decoded by its autoencoder `ae`."""
+def generate(model, mask, vector, seeds, config, guidance, steps, callback=None, ae=None, sampling=None):
+    """Samples in pixel space [B, n_gen, *spatial] in [-1, 1] for the masks / vectors given (B rows): the run's
+    sampler and grid (`sampling` = sampling_for(config, opts) replaces them), with classifier-free guidance at
+    `guidance`; a latent run's samples are decoded by its autoencoder `ae`."""
     device = next(model.parameters()).device
     schedule, prediction, r = strategy(config)
     noise = common.seeded_noise(seeds, diffusion_shape(config), device)
@@ -1202,11 +1229,8 @@ def generate(model, mask, vector, seeds, config, guidance, steps, callback=None,
     else:
         fn = common.cfg_model(model, cond, {**cond, "drop": ~drop}, guidance)
     denoise = common.make_denoiser(fn, schedule, prediction)
-    ts = common.time_grid(steps)
-    if config["strategy"] == "rflow":
-        ts = common.resolution_shift(ts, r)
-    name = "ddim" if config["strategy"] == "ddpm" else "euler"
-    z = common.SAMPLERS[name](denoise, noise, ts, schedule, callback=callback)
+    sampler, options = sampling or sampling_for(config)
+    z = common.sample(sampler, denoise, noise, steps, schedule, callback=callback, **options)
     return to_pixels(z, config, ae)
 
 
@@ -1431,6 +1455,9 @@ EVAL = {  # `python evaluate.py RUN key=value` options for train_mri checkpoints
     "SPLIT": "test",  # held-out split: test | val
     "GUIDANCE": -1.0,  # classifier-free guidance scale; -1 the checkpoint's
     "SAMPLE_STEPS": -1,  # -1 the checkpoint's
+    "SAMPLER": "",  # "" the checkpoint's; one of common.DETERMINISTIC
+    "GRID": "",  # "" the checkpoint's time grid; one of common.GRIDS
+    "T_MIN": -1.0,  # where the grid ends (see T_MIN); -1 the checkpoint's
     "BATCH": 16,  # samples per sampling batch (deterministic samplers: results do not depend on it)
     "DATA": "",  # "" the checkpoint's study
     "N_NIFTI": 2,  # generated volumes written as .nii.gz (2D: the slices of one held-out subject stacked)
@@ -1444,6 +1471,7 @@ def check_eval_options(opts):
     common.check(opts["split"] in ("test", "val"), f"split={opts['split']!r}: choose test or val")
     common.check(opts["sample_steps"] > 0 or opts["sample_steps"] == -1, "sample_steps= must be > 0, or -1")
     common.check(opts["guidance"] >= 0 or opts["guidance"] == -1, "guidance= must be >= 0, or -1")
+    common.check(opts["t_min"] == -1 or 0 <= opts["t_min"] < 1, f"t_min={opts['t_min']}: give 0 <= t_min < 1, or -1")
     common.check(opts["n_nifti"] >= 0, "n_nifti= must be >= 0")
 
 
@@ -1472,6 +1500,8 @@ def evaluate(model, config, opts, out_dir):
         ae = train_vae.attached_autoencoder(opts["checkpoint"], config, device)
     guidance = opts["guidance"] if opts["guidance"] != -1 else config["guidance"]
     steps = opts["sample_steps"] if opts["sample_steps"] > 0 else config["sample_steps"]
+    sampling = sampling_for(config, opts)
+    check_sampling(config, *sampling, steps)
     root = opts["data"] or config["data"]
     x, vectors, info = prepare(config, root, opts["split"])
     pick = common.subset(len(x), opts["n_samples"])
@@ -1485,9 +1515,11 @@ def evaluate(model, config, opts, out_dir):
         m = None if mask is None else mask[sl].to(device)
         v = None if vectors is None else vectors[sl].to(device)
         seeds = range(s, min(len(x), s + opts["batch"]))
-        fake.append(generate(model, m, v, seeds, config, guidance, steps, ae=ae).cpu())
+        fake.append(generate(model, m, v, seeds, config, guidance, steps, ae=ae, sampling=sampling).cpu())
     fake = torch.cat(fake)
     result = {"n_samples": len(x), "split": opts["split"], "data": root, "guidance": guidance, "steps": steps}
+    nfe = common.count_nfe(sampling[0], common.sample_grid(steps, strategy(config)[0], **sampling[1]))
+    result.update(sampler=sampling[0], grid=sampling[1]["grid"], t_min=sampling[1]["t_min"], nfe=nfe)
     result["sampling_s"] = round(time.time() - t0, 1)
     f_fake = common.features(extract, axial_images(fake, config), opts["batch"])
     f_real = common.features(extract, axial_images(real, config), opts["batch"])
@@ -1622,7 +1654,10 @@ def stacked_subjects(model, config, opts, root, guidance, steps, ae=None):
         for s in range(0, len(rows), opts["batch"]):
             m = None if mask is None else mask[s : s + opts["batch"]].to(device)
             v = None if vectors is None else vectors[rows[s : s + opts["batch"]]].to(device)
-            parts.append(generate(model, m, v, slices[s : s + opts["batch"]], config, guidance, steps, ae=ae).cpu())
+            seeds = slices[s : s + opts["batch"]]
+            parts.append(
+                generate(model, m, v, seeds, config, guidance, steps, ae=ae, sampling=sampling_for(config, opts)).cpu()
+            )
         fake = torch.cat(parts)
         volume = -torch.ones(fake.shape[1], max(slices) - min(slices) + 1, *fake.shape[2:])
         volume[:, [k - min(slices) for k in slices]] = fake.transpose(0, 1)

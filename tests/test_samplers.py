@@ -430,8 +430,7 @@ def test_empirical_order_on_a_gaussian(schedule, sampler):
 
 def test_a_wrong_coefficient_breaks_the_order(monkeypatch):
     """The order test can fail: halving the u^2 integral of the exponential integrator (I_2, the coefficient of the
-    second divided difference) takes DPM-Solver++(3M) down to second order, and an off-by-one in Heun's trapezoid
-    (weights 0.6 / 0.4) down to first."""
+    second divided difference) takes DPM-Solver++(3M) below third order."""
     good = common._phi_integrals
     monkeypatch.setattr(
         common, "_phi_integrals", lambda h, n: [v * (0.5 if k == 2 else 1) for k, v in enumerate(good(h, n))]

@@ -305,3 +305,43 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(photo_data, tmp_pat
     assert all(torch.isfinite(v).all() for v in weights(os.path.join(out, latest)).values())
     ev = run([sys.executable, "evaluate.py", out, "n_samples=2", "n_real=10", "sample_steps=2", "batch=2"], check=False)
     assert "non-finite" not in ev.stderr  # the checkpoint left behind is a good one
+
+
+def test_sampling_grids_train_evaluate_and_bad_values(photo_data, tmp_path):
+    """sampler= / sample_grid= / t_min= reach the diagnostics and evaluate.py (grid= and t_min= override there; the
+    NFE is reported), and settings that cannot work on the 500-step schedule stop with one line."""
+    data_dir, _ = photo_data
+    out = str(tmp_path / "run")
+    train(data_dir, out, "max_steps=2", "sample_every=2", "sampler=unipc", "sample_grid=logsnr", "t_min=0.002")
+    assert os.path.isfile(os.path.join(out, "samples", "step_0000002_grid.png"))
+    ev = run([sys.executable, "evaluate.py", out, "n_samples=2", "n_real=4", "sample_steps=5", "floor=false"])
+    assert "grid: logsnr" in ev.stdout and "nfe: 6" in ev.stdout, ev.stdout  # 5 steps + the final denoise at t_min
+    ev = run(
+        [
+            sys.executable,
+            "evaluate.py",
+            out,
+            "n_samples=2",
+            "n_real=4",
+            "sample_steps=4",
+            "floor=false",
+            "grid=uniform",
+            "t_min=0",
+            "sampler=heun",
+        ]
+    )
+    assert "grid: uniform" in ev.stdout and "nfe: 7" in ev.stdout, ev.stdout  # heun: 2 per step, 1 for the step to 0
+    bad = [
+        (["sample_grid=karras"], "needs 1 / t_steps"),
+        (["sample_grid=logsnr", "t_min=0.001"], "needs 1 / t_steps"),
+        (["sample_steps=7"], "does not divide t_steps=500"),
+        (["sample_grid=linear"], "sample_grid='linear'"),
+    ]
+    for args, needle in bad:
+        proc = run(
+            [sys.executable, "train_stl10.py", f"data_dir={data_dir}", f"out_dir={tmp_path}/bad", *args], check=False
+        )
+        assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    for args, needle in ((["grid=karras", "t_min=0"], "needs 1 / t_steps"), (["grid=foo"], "grid='foo'")):
+        proc = run([sys.executable, "evaluate.py", out, *args], check=False)
+        assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
