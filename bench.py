@@ -118,15 +118,7 @@ def mixture_errors(mixture, schedule, sampler, options, nfes, noises, refs):
     errors, used = {}, {}
     for nfe in nfes:
         steps = common.steps_for_nfe(sampler, nfe, options["t_min"])
-        ts = common.time_grid(
-            steps,
-            1.0,
-            options["t_min"],
-            kind=options["grid"],
-            schedule=schedule,
-            rho=options.get("rho", 7.0),
-            s_max=options.get("s_max", 80.0),
-        )
+        ts = common.sample_grid(steps, schedule, **options)
         used[nfe] = common.count_nfe(sampler, ts)
         total = 0.0
         for r, (noise, ref) in enumerate(zip(noises, refs)):

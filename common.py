@@ -522,16 +522,18 @@ def _floored_log_snr(schedule, t):
     return 2 * (torch.log(alpha.clamp_min(ALPHA_FLOOR)) - torch.log(sigma))
 
 
-def time_grid(steps, t_max=1.0, t_min=0.0, kind="uniform", schedule=None, rho=7.0, s_max=80.0, t_steps=0):
+def time_grid(steps, t_max=1.0, t_min=0.0, kind="uniform", schedule=None, rho=7.0, s_max=10.0, t_steps=0):
     """`steps` + 1 decreasing times from t_max to t_min (float64), both ends exact.
 
     uniform: uniform in t.
     karras: uniform in s^(1 / rho), s = sigma / alpha (Karras et al. 2022, arXiv:2206.00364 eq. 5, rho = 7; for VP
         schedules s is the sigma of their eq. 4 with the scaling alpha taken out; for flow s = t / (1 - t)).
     logsnr: uniform in lambda = log(alpha^2 / sigma^2) (Lu et al. 2022, arXiv:2206.00927 sec. 3.3).
-    Both spacings start at s_max (Karras et al.'s sigma_max = 80) when s(t_max) is larger: the first step then goes
-    from t_max straight to s_max (alpha is floored at ALPHA_FLOOR, so s(1) = 1e4 for cosine and flow), as spending
-    steps far above the data's scale gains nothing. Both need t_min > 0 (lambda is infinite at 0): the final denoise
+    Both spacings start at s_max when s(t_max) is larger: the first step then goes from t_max straight to s_max (alpha
+    is floored at ALPHA_FLOOR, so s(1) = 1e4 for cosine and flow, 153 for linear), as steps far above the data's scale
+    gain nothing. Default 10 (Karras et al. use sigma_max = 80 to start a chain; here the jump is a DDIM step from pure
+    noise, whose error on data of scale c is about c^2 / (2 s_max^2): under 1% for c <= 1, the scale of every script's
+    data; measured in bench.py samplers). Both need t_min > 0 (lambda is infinite at 0): the final denoise
     at t_min is their step to 0, as Karras et al. append sigma = 0 after sigma_min. t_steps > 0 snaps every time to the nearest i / t_steps of a discrete-time model
     (duplicates dropped, so fewer steps may remain).
     """
@@ -785,7 +787,7 @@ def steps_for_nfe(name, nfe, t_min=0.0, final="denoise"):
     return max(1, nfe - extra)
 
 
-def sample_grid(steps, schedule, t_max=1.0, grid="uniform", t_min=0.0, rho=7.0, s_max=80.0, t_steps=0, shift=1.0):
+def sample_grid(steps, schedule, t_max=1.0, grid="uniform", t_min=0.0, rho=7.0, s_max=10.0, t_steps=0, shift=1.0):
     """The grid sample() runs on: time_grid, then the resolution shift when shift != 1."""
     ts = time_grid(steps, t_max, t_min, kind=grid, schedule=schedule, rho=rho, s_max=s_max, t_steps=t_steps)
     return resolution_shift(ts, shift) if shift != 1.0 else ts

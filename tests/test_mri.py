@@ -203,7 +203,7 @@ def one_line_error(r):
     [
         (["space=latent"], "needs latent=RUN"),
         (["dims=3", "crop=15,32,32"], "cannot take"),
-        (["strategy=ddpm", "sample_steps=7"], "must divide 1000"),
+        (["strategy=ddpm", "sample_steps=7", "sample_grid=uniform", "t_min=0"], "must divide 1000"),
         (["sample_grid=logsnr"], "needs t_min > 0"),
         (["strategy=ddpm", "sample_grid=karras", "t_min=0.0005"], "t_min >= 0.001"),
         (["sampler=ddpm"], "sampler='ddpm'"),
@@ -283,22 +283,9 @@ def test_latent_train_resume_evaluate_from_the_checkpoint_alone(study, autoencod
     a, b = (load_file(str(d / "step_0000004" / "ema.safetensors")) for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a), "2 + 2 resumed steps differ from 4 straight steps"
     shutil.rmtree(ae)  # evaluation rebuilds the autoencoder from autoencoder.safetensors beside the checkpoint
-    r = run(
-        [
-            "evaluate.py",
-            str(straight),
-            "n_samples=4",
-            "batch=4",
-            "sample_steps=2",
-            "n_nifti=1",
-            "sampler=unipc",
-            "grid=logsnr",
-            "t_min=0.02",
-        ]
-    )
+    r = run(["evaluate.py", str(straight), "n_samples=4", "batch=4", "sample_steps=2", "n_nifti=1"])
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.load(open(straight / "step_0000004" / "eval.json"))
-    assert (result["sampler"], result["grid"], result["nfe"]) == ("unipc", "logsnr", 3)  # 2 steps + final denoise
     for key in ("PSNR", "SSIM", "MS-SSIM", "FD-EffNet", "KID-EffNet"):
         assert np.isfinite(result[key]), key
     assert set(result["region_mae"]) >= {"outside", "tumour"}
