@@ -244,6 +244,8 @@ def build_model(config):
 def check_sampling(steps, grid, t_min, t_steps):
     """The sampling settings must work on a discrete schedule: a uniform grid to t = 0 needs steps dividing t_steps
     (each time a training time); other grids are snapped to the training times and need t_min >= 1 / t_steps."""
+    if t_steps <= 0:  # a continuous-time model: any grid (time_grid checks its own ends)
+        return
     if grid == "uniform" and t_min == 0:
         common.check(
             t_steps % steps == 0,
@@ -261,7 +263,7 @@ def check_sampling(steps, grid, t_min, t_steps):
 def sampling_options(config, grid="", t_min=-1.0):
     """common.sample keywords: the time grid and t_min (the checkpoint's unless given, see common.sampling_settings),
     every time snapped to the training times i / t_steps."""
-    return {**common.sampling_settings(config, grid=grid, t_min=t_min)[1], "t_steps": config["t_steps"]}
+    return {**common.sampling_settings(config, grid=grid, t_min=t_min)[1], "t_steps": config.get("t_steps", 0)}
 
 
 def check_shapes(config):
@@ -550,7 +552,7 @@ def check_eval_options(opts, config):
         common.die(f"t_min={opts['t_min']}: give 0 <= t_min < 1, or -1 for the checkpoint's")
     steps = opts["sample_steps"] if opts["sample_steps"] > 0 else config["sample_steps"]
     options = sampling_options(config, opts["grid"], opts["t_min"])
-    check_sampling(steps, options["grid"], options["t_min"], config["t_steps"])
+    check_sampling(steps, options["grid"], options["t_min"], options["t_steps"])
     if opts["guidance"] < 0 and opts["guidance"] != -1:
         common.die(f"guidance={opts['guidance']}: give a scale >= 0, or -1 for the checkpoint's")
     if opts["guidance"] != -1 and config["cond"] == "none":

