@@ -56,8 +56,8 @@ PREDICTION: common.choices("eps", "v", "x0", "flow") = "v"  # what the network p
 LABEL_DROP: common.bounds("0..1") = 0.2  # probability of training with the null condition (CFG)
 GUIDANCE: common.bounds(">= 0") = 3.0  # sampling guidance scale (1 = conditional, no guidance)
 # sampling: ancestral DDPM, 50 steps on the uniform grid. bench.py samplers' image check (the CPU-check model,
-# guidance 3): FD-EffNet 165.9 / 153.8 / 144.8 at 10 / 20 / 50 NFE, where every ODE sampler (dpmpp_2m, unipc on the
-# log-SNR grid) stays at 160-173: with guidance the stochastic sampler wins, as the reference study found
+# guidance 3): FD-EffNet 165.9 / 153.8 / 145.3 at 10 / 20 / 50 NFE, where the ODE samplers (dpmpp_2m, unipc on the
+# log-SNR grid) stay at 160-173: with guidance the stochastic sampler wins, as the reference study found
 SAMPLER: common.choices(*common.SAMPLERS) = "ddpm"  # sampler of the diagnostics and evaluation
 SAMPLE_STEPS: common.bounds("> 0") = 50  # sampler steps; uniform grid to 0: must divide T_STEPS
 SAMPLE_GRID: common.choices(*common.GRIDS) = "uniform"  # time grid (common.time_grid), snapped to training times
