@@ -143,10 +143,18 @@ def bench_samplers(argv):
     common.check(len(nfes) > 0 and all(isinstance(k, int) and k >= 2 for k in nfes), f"nfes={nfes}: give NFEs >= 2")
     common.check(0 < cfg["s_min"] < cfg["s_max"], f"s_min={cfg['s_min']}, s_max={cfg['s_max']}: need 0 < s_min < s_max")
     common.check(cfg["rho"] > 0, f"rho={cfg['rho']}: give a positive exponent")
+    common.check(cfg["image_n"] >= 2, f"image_n={cfg['image_n']}: give at least 2 samples")
+    common.check(
+        all(isinstance(k, int) and k >= 2 for k in cfg["image_nfes"]), f"image_nfes={cfg['image_nfes']}: NFEs >= 2"
+    )
+    common.check(
+        cfg["image_grid"] in common.GRIDS, f"image_grid={cfg['image_grid']!r}: one of {', '.join(common.GRIDS)}"
+    )
     for name in cfg["image_samplers"]:
         common.check(name in common.SAMPLERS, f"image_samplers: {name!r} is not one of {', '.join(common.SAMPLERS)}")
-    if cfg["image_run"]:
-        common.resolve_checkpoint(cfg["image_run"])  # a missing run stops now, not after the mixture tables
+    if cfg["image_run"]:  # a missing or wrong run stops now, not after the mixture tables
+        script = common.load_config(common.resolve_checkpoint(cfg["image_run"])).get("script")
+        common.check(script == "train_stl10", f"image_run={cfg['image_run']!r} is a {script} run, not train_stl10.py")
     path = result_path(cfg["out_dir"], "samplers")
     if not cfg["mixture"]:
         write_result(path, {"images": image_check(cfg)})
@@ -245,10 +253,6 @@ def image_check(cfg):
 
     ckpt = common.resolve_checkpoint(cfg["image_run"])
     config = common.load_config(ckpt)
-    common.check(
-        config.get("script") == "train_stl10",
-        f"image_run={cfg['image_run']!r} is not a train_stl10.py run; the image check samples STL-10 images",
-    )
     model = evaluate.rebuild(ckpt, config, "ema")
     rows = []
     for name in cfg["image_samplers"]:
