@@ -533,9 +533,9 @@ def time_grid(steps, t_max=1.0, t_min=0.0, kind="uniform", schedule=None, rho=7.
     is floored at ALPHA_FLOOR, so s(1) = 1e4 for cosine and flow, 153 for linear), as steps far above the data's scale
     gain nothing. Default 10 (Karras et al. use sigma_max = 80 to start a chain; here the jump is a DDIM step from pure
     noise, whose error on data of scale c is about c^2 / (2 s_max^2): under 1% for c <= 1, the scale of every script's
-    data; measured in bench.py samplers). Both need t_min > 0 (lambda is infinite at 0): the final denoise
-    at t_min is their step to 0, as Karras et al. append sigma = 0 after sigma_min. t_steps > 0 snaps every time to the nearest i / t_steps of a discrete-time model
-    (duplicates dropped, so fewer steps may remain).
+    data; measured in bench.py samplers). Both need t_min > 0 (lambda is infinite at 0): the final denoise at t_min is
+    their step to 0, as Karras et al. append sigma = 0 after sigma_min. t_steps > 0 snaps every time to the nearest
+    i / t_steps of a discrete-time model (duplicates dropped, so fewer steps may remain).
     """
     if kind not in GRIDS:
         die(f"unknown time grid {kind!r}; choose one of {', '.join(GRIDS)}")
@@ -549,9 +549,10 @@ def time_grid(steps, t_max=1.0, t_min=0.0, kind="uniform", schedule=None, rho=7.
                 f"the {kind} grid needs t_min > 0 (log-SNR is infinite at t = 0); its last step to 0 is the final denoise"
             )
         lam_top, lam_min = _floored_log_snr(schedule, torch.tensor([t_max, t_min], dtype=torch.float64)).tolist()
-        jump = steps > 1 and lam_top < -2 * math.log(s_max)  # s(t_max) > s_max: one step from t_max to s_max
+        lam_jump = -2 * math.log(s_max)
+        jump = steps > 1 and lam_top < lam_jump < lam_min  # s(t_max) > s_max > s(t_min): one step to s_max first
         if jump:
-            lam_top, steps = -2 * math.log(s_max), steps - 1
+            lam_top, steps = lam_jump, steps - 1
         if kind == "logsnr":
             lam = torch.linspace(lam_top, lam_min, steps + 1, dtype=torch.float64)
         else:
