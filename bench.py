@@ -270,7 +270,9 @@ def image_check(cfg):
                 t_min=t_min,
                 sample_steps=common.steps_for_nfe(name, nfe, t_min),
             )
-            result, _ = train_stl10.evaluate(model, config, opts, os.path.join(cfg["out_dir"], "bench_samplers_images"))
+            folder = os.path.join(cfg["out_dir"], "bench_samplers_images", f"{name}_{grid}_nfe{nfe}")
+            os.makedirs(folder, exist_ok=True)
+            result, _ = train_stl10.evaluate(model, config, opts, folder)
             rows.append(
                 {
                     "sampler": name,
@@ -279,11 +281,12 @@ def image_check(cfg):
                     "FD-EffNet": result["FD-EffNet"],
                     "KID-EffNet": result["KID-EffNet"],
                     "sampling_s": result["sampling_s"],
+                    "samples_png": os.path.join(folder, "eval_samples.png"),
                 }
             )
             print(
                 f"image check: {name:<9} {grid:<8} NFE {result['nfe']:>3}  FD-EffNet {result['FD-EffNet']:.1f}  "
-                f"KID-EffNet {result['KID-EffNet']:.3f}  ({result['sampling_s']:.0f} s)",
+                f"KID-EffNet {result['KID-EffNet']:.3f}  ({result['sampling_s']:.0f} s; {folder}/eval_samples.png)",
                 flush=True,
             )
     return rows

@@ -545,9 +545,7 @@ def time_grid(steps, t_max=1.0, t_min=0.0, kind="uniform", schedule=None, rho=7.
         ts = torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
     else:
         if t_min <= 0:
-            die(
-                f"the {kind} grid needs t_min > 0 (log-SNR is infinite at t = 0); its last step to 0 is the final denoise"
-            )
+            die(f"the {kind} grid needs t_min > 0 (log-SNR is infinite at t = 0); its step to 0 is the final denoise")
         lam_top, lam_min = _floored_log_snr(schedule, torch.tensor([t_max, t_min], dtype=torch.float64)).tolist()
         lam_jump = -2 * math.log(s_max)
         jump = steps > 1 and lam_top < lam_jump < lam_min  # s(t_max) > s_max > s(t_min): one step to s_max first
@@ -802,13 +800,26 @@ def sampling_settings(config, sampler="", grid="", t_min=-1.0, legacy_sampler="e
     return sampler, {"grid": grid, "t_min": t_min if t_min >= 0 else config.get("t_min", 0.0)}
 
 
-def check_sampling(sampler, grid, t_min, allowed=None):
+def check_sampling(sampler, grid, t_min, allowed=None, steps=0, t_steps=0):
     """One-line errors for sampling settings that cannot work: a sampler or grid not offered, t_min outside [0, 1),
-    a karras or logsnr grid without t_min > 0."""
+    a karras or logsnr grid without t_min > 0; for a discrete-time model (t_steps > 0) the uniform grid to t = 0 needs
+    `steps` dividing t_steps (every time a training time), any other grid t_min >= 1 / t_steps."""
     allowed = allowed or tuple(SAMPLERS)
     check(sampler in allowed, f"sampler={sampler!r}: choose one of {', '.join(allowed)}")
     check(grid in GRIDS, f"sample_grid={grid!r}: choose one of {', '.join(GRIDS)}")
     check(0 <= t_min < 1, f"t_min={t_min}: give 0 <= t_min < 1")
+    if t_steps > 0 and grid == "uniform" and t_min == 0:
+        check(
+            steps <= 0 or t_steps % steps == 0,
+            f"sample_steps={steps} does not divide t_steps={t_steps}: sampling times would fall between the times "
+            f"the model was trained on; choose a divisor, or a grid with t_min >= 1 / t_steps = {1 / t_steps:.4g}",
+        )
+    elif t_steps > 0:
+        check(
+            t_min * t_steps >= 1 - 1e-9,
+            f"t_min={t_min}: the {grid} grid needs t_min >= 1 / t_steps = {1 / t_steps:.4g}, the model's smallest "
+            "training time (its samples end with a denoise there)",
+        )
     check(grid == "uniform" or t_min > 0, f"sample_grid={grid} needs t_min > 0 (where the grid ends, then a denoise)")
 
 

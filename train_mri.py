@@ -1114,21 +1114,12 @@ def sampling_for(config, opts=None):
     return sampler, options
 
 
-def check_sampling(config, sampler, options, steps=None):
-    """One-line errors for sampling settings that cannot work (see common.check_sampling); ddpm on the uniform grid to
-    t = 0 needs steps dividing 1000, on other grids t_min >= 1 / 1000 (its smallest training time)."""
-    steps = steps or config["sample_steps"]
-    common.check_sampling(sampler, options["grid"], options["t_min"], common.DETERMINISTIC)
-    if config["strategy"] == "ddpm" and options["grid"] == "uniform" and options["t_min"] == 0:
-        common.check(1000 % steps == 0, f"sample_steps={steps} must divide 1000 (ddpm), or give t_min >= 0.001")
-    elif config["strategy"] == "ddpm":
-        common.check(options["t_min"] >= 1e-3, f"t_min={options['t_min']}: ddpm needs t_min >= 0.001 (1 / 1000)")
-
-
 def check_shapes(config):
     """Build on the meta device and run one sample through, so a crop / size / patch / space that the backbone's
     downsampling cannot divide stops with one line before any data is read."""
-    check_sampling(config, *sampling_for(config))
+    sampler, options = sampling_for(config)
+    steps, t_steps = config["sample_steps"], options.get("t_steps", 0)
+    common.check_sampling(sampler, options["grid"], options["t_min"], common.DETERMINISTIC, steps, t_steps)
     common.check(
         len(config["crop"]) == 3, f"crop={tuple(config['crop'])}: give three sizes (D, H, W), e.g. crop=(64,96,96)"
     )
@@ -1505,7 +1496,10 @@ def evaluate(model, config, opts, out_dir):
     guidance = opts["guidance"] if opts["guidance"] != -1 else config["guidance"]
     steps = opts["sample_steps"] if opts["sample_steps"] > 0 else config["sample_steps"]
     sampling = sampling_for(config, opts)
-    check_sampling(config, *sampling, steps)
+    sampler, options = sampling
+    common.check_sampling(
+        sampler, options["grid"], options["t_min"], common.DETERMINISTIC, steps, options.get("t_steps", 0)
+    )
     root = opts["data"] or config["data"]
     x, vectors, info = prepare(config, root, opts["split"])
     pick = common.subset(len(x), opts["n_samples"])
@@ -1648,7 +1642,7 @@ def stacked_subjects(model, config, opts, root, guidance, steps, ae=None):
     stacked into [C, K, S, S] from the first to the last kept slice (a latent run's decoded by `ae`).
     -> [(info row, volume, first slice)]."""
     x, vectors, info = prepare(config, root, opts["split"], verbose=False)
-    device, out = next(model.parameters()).device, []
+    device, out, sampling = next(model.parameters()).device, [], sampling_for(config, opts)
     subjects = list(dict.fromkeys(r["subject"] for r in info))[: opts["n_nifti"]]
     for subject in subjects:
         rows = [i for i, r in enumerate(info) if r["subject"] == subject]
@@ -1659,9 +1653,7 @@ def stacked_subjects(model, config, opts, root, guidance, steps, ae=None):
             m = None if mask is None else mask[s : s + opts["batch"]].to(device)
             v = None if vectors is None else vectors[rows[s : s + opts["batch"]]].to(device)
             seeds = slices[s : s + opts["batch"]]
-            parts.append(
-                generate(model, m, v, seeds, config, guidance, steps, ae=ae, sampling=sampling_for(config, opts)).cpu()
-            )
+            parts.append(generate(model, m, v, seeds, config, guidance, steps, ae=ae, sampling=sampling).cpu())
         fake = torch.cat(parts)
         volume = -torch.ones(fake.shape[1], max(slices) - min(slices) + 1, *fake.shape[2:])
         volume[:, [k - min(slices) for k in slices]] = fake.transpose(0, 1)

@@ -241,25 +241,6 @@ def build_model(config):
         common.die(f"cannot allocate model={config['model']} size={config['size']} width={config['width']}: {detail}")
 
 
-def check_sampling(steps, grid, t_min, t_steps):
-    """The sampling settings must work on a discrete schedule: a uniform grid to t = 0 needs steps dividing t_steps
-    (each time a training time); other grids are snapped to the training times and need t_min >= 1 / t_steps."""
-    if t_steps <= 0:  # a continuous-time model: any grid (time_grid checks its own ends)
-        return
-    if grid == "uniform" and t_min == 0:
-        common.check(
-            t_steps % steps == 0,
-            f"sample_steps={steps} does not divide t_steps={t_steps}: sampling times would fall between the "
-            "times the model was trained on; choose a divisor (e.g. 50 or 100 for 500), or a grid with t_min > 0",
-        )
-    else:
-        common.check(
-            t_min * t_steps >= 1 - 1e-9 and t_min < 1,
-            f"t_min={t_min}: the {grid} grid needs 1 / t_steps = {1 / t_steps:.4g} <= t_min < 1 (the model's "
-            "smallest training time; its samples end with a denoise there)",
-        )
-
-
 def sampling_options(config, grid="", t_min=-1.0):
     """common.sample keywords: the time grid and t_min (the checkpoint's unless given, see common.sampling_settings),
     every time snapped to the training times i / t_steps."""
@@ -269,7 +250,13 @@ def sampling_options(config, grid="", t_min=-1.0):
 def check_shapes(config):
     """Build the network on the meta device (no memory) and run one sample through it, so a shape that cannot work
     (a patch that does not divide the side, a UNet deeper than the side allows) stops before any work."""
-    check_sampling(config["sample_steps"], config["sample_grid"], config["t_min"], config["t_steps"])
+    common.check_sampling(
+        config["sampler"],
+        config["sample_grid"],
+        config["t_min"],
+        steps=config["sample_steps"],
+        t_steps=config["t_steps"],
+    )
     with torch.device("meta"):
         model, shape = build_model(config), config["sample_shape"]
         common.check_fits(sum(p.numel() for p in model.parameters()), f"model={config['model']} size={config['size']}")
@@ -552,7 +539,8 @@ def check_eval_options(opts, config):
         common.die(f"t_min={opts['t_min']}: give 0 <= t_min < 1, or -1 for the checkpoint's")
     steps = opts["sample_steps"] if opts["sample_steps"] > 0 else config["sample_steps"]
     options = sampling_options(config, opts["grid"], opts["t_min"])
-    check_sampling(steps, options["grid"], options["t_min"], options["t_steps"])
+    sampler = opts["sampler"] or config["sampler"]
+    common.check_sampling(sampler, options["grid"], options["t_min"], steps=steps, t_steps=options["t_steps"])
     if opts["guidance"] < 0 and opts["guidance"] != -1:
         common.die(f"guidance={opts['guidance']}: give a scale >= 0, or -1 for the checkpoint's")
     if opts["guidance"] != -1 and config["cond"] == "none":

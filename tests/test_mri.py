@@ -203,9 +203,9 @@ def one_line_error(r):
     [
         (["space=latent"], "needs latent=RUN"),
         (["dims=3", "crop=15,32,32"], "cannot take"),
-        (["strategy=ddpm", "sample_steps=7", "sample_grid=uniform", "t_min=0"], "must divide 1000"),
+        (["strategy=ddpm", "sample_steps=7", "sample_grid=uniform", "t_min=0"], "does not divide t_steps=1000"),
         (["sample_grid=logsnr", "t_min=0"], "needs t_min > 0"),
-        (["strategy=ddpm", "sample_grid=karras", "t_min=0.0005"], "t_min >= 0.001"),
+        (["strategy=ddpm", "sample_grid=karras", "t_min=0.0005"], "t_min >= 1 / t_steps = 0.001"),
         (["sampler=ddpm"], "sampler='ddpm'"),
         (["space=s2d", "image_size=33"], "even"),
         (["data=/nonexistent/mri"], "/nonexistent/mri"),

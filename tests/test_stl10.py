@@ -332,8 +332,8 @@ def test_sampling_grids_train_evaluate_and_bad_values(photo_data, tmp_path):
     )
     assert "grid: uniform" in ev.stdout and "nfe: 7" in ev.stdout, ev.stdout  # heun: 2 per step, 1 for the step to 0
     bad = [
-        (["sample_grid=karras"], "needs 1 / t_steps"),
-        (["sample_grid=logsnr", "t_min=0.001"], "needs 1 / t_steps"),
+        (["sample_grid=karras"], "t_min >= 1 / t_steps = 0.002"),
+        (["sample_grid=logsnr", "t_min=0.001"], "t_min >= 1 / t_steps = 0.002"),
         (["sample_steps=7"], "does not divide t_steps=500"),
         (["sample_grid=linear"], "sample_grid='linear'"),
     ]
@@ -342,6 +342,6 @@ def test_sampling_grids_train_evaluate_and_bad_values(photo_data, tmp_path):
             [sys.executable, "train_stl10.py", f"data_dir={data_dir}", f"out_dir={tmp_path}/bad", *args], check=False
         )
         assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
-    for args, needle in ((["grid=karras", "t_min=0"], "needs 1 / t_steps"), (["grid=foo"], "grid='foo'")):
+    for args, needle in ((["grid=karras", "t_min=0"], "t_min >= 1 / t_steps = 0.002"), (["grid=foo"], "grid='foo'")):
         proc = run([sys.executable, "evaluate.py", out, *args], check=False)
         assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
