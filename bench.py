@@ -93,6 +93,8 @@ SAMPLER_BENCH = {  # key=value overrides of `python bench.py samplers`
     "S_MAX": 10.0,  # karras / logsnr grids: the first step jumps from t = 1 to sigma / alpha = S_MAX
     "S_MIN": 0.03,  # karras / logsnr grids end at sigma / alpha = S_MIN, then the final denoise (1 NFE)
     "RHO": 7.0,  # karras grid exponent (Karras et al. 2022 eq. 5)
+    "FIT_NFES": (5, 10),  # NFEs of the fitted grids (common.fit_grid; at 20 and 50 the fixed grids reach the floor)
+    "FIT_PILOT": 2000,  # pilot batch each fitted grid is fitted on (its own seed, apart from the evaluation's noise)
     "MIXTURE": True,  # the mixture tables (false: only the image check)
     "IMAGE_RUN": "",  # a train_stl10.py run: also FD-EffNet of its samples at IMAGE_NFES for IMAGE_SAMPLERS
     "IMAGE_SAMPLERS": ("unipc", "dpmpp_2m", "heun", "ddpm"),  # samplers of the image check
@@ -130,11 +132,40 @@ def mixture_errors(mixture, schedule, sampler, options, nfes, noises, refs):
     return errors, used
 
 
+FITTED = ("ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc")  # samplers with a fitted grid (euler is ddim)
+
+
+def fitted_row(mixture, schedule, name, cfg, pilot, noises, refs):
+    """The `fitted` grid of sampler `name` at each FIT_NFES: common.fit_grid on the pilot batch, minimising the
+    bench's own distance (GaussianMixture.error) between the sampler's output and a 400-step UniPC solve of the same
+    pilot noise (the mean squared distance, fit_grid's default, fits grids 2-3x the floor at 10 NFE: it weighs the
+    narrow component's errors by its scale, not by its std), then scored like every other row on the evaluation noise
+    against the independent draws."""
+    denoise = common.make_denoiser(mixture.model(schedule, "v"), schedule, "v")
+    distance = lambda x, ref: mixture.error(x, ref)["max"]  # noqa: E731
+    errors, used, grids, calls = {}, {}, {}, 0
+    for nfe in cfg["fit_nfes"]:
+        steps = common.steps_for_nfe(name, nfe, t_min=cfg["s_min"])
+        ts, info = common.fit_grid(
+            name, denoise, pilot, steps, schedule, distance, s_max=cfg["s_max"], s_min=cfg["s_min"]
+        )
+        used[nfe], grids[nfe], calls = common.count_nfe(name, ts), ts.tolist(), calls + info["calls"]
+        total = 0.0
+        for r, (noise, ref) in enumerate(zip(noises, refs)):
+            x = common.sample(name, denoise, noise, steps, schedule, times=ts, generator=torch.Generator().manual_seed(r))
+            total += mixture.error(x, ref)["max"]
+        errors[nfe] = total / len(noises)
+        print(f"fitted {schedule.kind} {name} NFE {nfe}: error {errors[nfe]:.4f}", flush=True)
+    row = {"schedule": schedule.kind, "grid": "fitted", "sampler": name, "error": errors, "nfe_used": used}
+    return {**row, "times": grids, "fit_calls": calls}
+
+
 def bench_samplers(argv):
     """Distribution error against NFE for every sampler x time grid x schedule, driven by a 2D Gaussian mixture's
     closed-form optimal denoiser (v-prediction): GaussianMixture.error (max of the per-component weight, mean / s_k
     and std / s_k errors) between the samples and an independent draw of the mixture, averaged over REPEATS
-    (noise, draw) pairs. The floor is the same metric between two independent draws. With image_run=, also the image
+    (noise, draw) pairs. The floor is the same metric between two independent draws. The `fitted` rows: a grid fitted
+per schedule, sampler and NFE in FIT_NFES (see fitted_row). With image_run=, also the image
     check: FD-EffNet of a train_stl10.py run's samples at IMAGE_NFES for IMAGE_SAMPLERS."""
     cfg = common.apply_overrides(dict(SAMPLER_BENCH, __doc__=bench_samplers.__doc__), argv)
     n, repeats, nfes = cfg["n"], cfg["repeats"], cfg["nfes"]
@@ -143,6 +174,10 @@ def bench_samplers(argv):
     common.check(len(nfes) > 0 and all(isinstance(k, int) and k >= 2 for k in nfes), f"nfes={nfes}: give NFEs >= 2")
     common.check(0 < cfg["s_min"] < cfg["s_max"], f"s_min={cfg['s_min']}, s_max={cfg['s_max']}: need 0 < s_min < s_max")
     common.check(cfg["rho"] > 0, f"rho={cfg['rho']}: give a positive exponent")
+    common.check(cfg["fit_pilot"] >= 2, f"fit_pilot={cfg['fit_pilot']}: give at least 2 samples")
+    common.check(
+        all(isinstance(k, int) and k >= 2 for k in cfg["fit_nfes"]), f"fit_nfes={cfg['fit_nfes']}: give NFEs >= 2"
+    )
     common.check(cfg["image_n"] >= 2, f"image_n={cfg['image_n']}: give at least 2 samples")
     common.check(
         all(isinstance(k, int) and k >= 2 for k in cfg["image_nfes"]), f"image_nfes={cfg['image_nfes']}: NFEs >= 2"
@@ -168,6 +203,7 @@ def bench_samplers(argv):
         torch.randn(n, 2, generator=torch.Generator().manual_seed(3000 + r), dtype=torch.float64)
         for r in range(repeats)
     ]
+    pilot = torch.randn(cfg["fit_pilot"], 2, generator=torch.Generator().manual_seed(77), dtype=torch.float64)
     rows = []
     for kind in common.Schedule.KINDS:
         schedule = common.Schedule(kind)
@@ -176,6 +212,8 @@ def bench_samplers(argv):
             for name in common.SAMPLERS:
                 errors, used = mixture_errors(mixture, schedule, name, options, nfes, noises, refs)
                 rows.append({"schedule": kind, "grid": grid, "sampler": name, "error": errors, "nfe_used": used})
+        for name in FITTED:
+            rows.append(fitted_row(mixture, schedule, name, cfg, pilot, noises, refs))
     print(
         f"distribution error vs NFE: {n} samples, mean of {repeats} (noise, reference draw) pairs; the floor (two "
         f"independent draws of the mixture) is {floor:.4f}. uniform: t from 1 to 0; karras (rho {cfg['rho']:g}) "
@@ -191,8 +229,8 @@ def bench_samplers(argv):
         k = nfes[min(1, len(nfes) - 1)]
         print(
             f"{r['schedule']:<8} {r['grid']:<8} {r['sampler']:<9} "
-            + " ".join(f"{r['error'][nfe]:>8.4f}" for nfe in nfes)
-            + f"   {r['error'][k] / floor:>6.2f}"
+            + " ".join(f"{r['error'][nfe]:>8.4f}" if nfe in r["error"] else f"{'-':>8}" for nfe in nfes)
+            + (f"   {r['error'][k] / floor:>6.2f}" if k in r["error"] else "")
         )
     summary = sampler_summary(rows, nfes, floor)
     for line in summary["lines"]:
@@ -206,6 +244,7 @@ def bench_samplers(argv):
         "rows": rows,
         "best": summary["best"],
         "worse_than_ddim": summary["worse_than_ddim"],
+        "best_grid_worse_than_ddim": summary["best_grid_worse_than_ddim"],
         "images": images,
     }
     write_result(path, {**{k: cfg[k] for k in ("s_max", "s_min", "rho")}, **result})
@@ -213,11 +252,12 @@ def bench_samplers(argv):
 
 def sampler_summary(rows, nfes, floor):
     """Per schedule and NFE the best (sampler, grid) and its ratio to the floor; every row worse than DDIM on the
-    same schedule and grid at the same NFE."""
-    best, worse, lines = {}, [], []
+    same schedule and grid at the same NFE; and every sampler whose best grid is worse than DDIM's best of the same
+    grids (ddpm and euler have no fitted grid)."""
+    best, worse, worse_best, lines = {}, [], [], []
     for kind in common.Schedule.KINDS:
         for nfe in nfes:
-            mine = [r for r in rows if r["schedule"] == kind]
+            mine = [r for r in rows if r["schedule"] == kind and nfe in r["error"]]
             top = min(mine, key=lambda r: r["error"][nfe])
             best[f"{kind}/{nfe}"] = {
                 "sampler": top["sampler"],
@@ -225,6 +265,11 @@ def sampler_summary(rows, nfes, floor):
                 "error": top["error"][nfe],
                 "x_floor": top["error"][nfe] / floor,
             }
+            for name in {r["sampler"] for r in mine} - {"ddim"}:  # best grid vs DDIM's best of the same grids
+                own = {r["grid"]: r["error"][nfe] for r in mine if r["sampler"] == name}
+                ddim = [r["error"][nfe] for r in mine if r["sampler"] == "ddim" and r["grid"] in own]
+                if min(own.values()) > min(ddim):
+                    worse_best.append(f"{kind}/{name}@{nfe}")
         lines.append(
             f"best on {kind}: "
             + ", ".join(
@@ -238,10 +283,11 @@ def sampler_summary(rows, nfes, floor):
             d for d in rows if d["schedule"] == r["schedule"] and d["grid"] == r["grid"] and d["sampler"] == "ddim"
         )
         for nfe in nfes:
-            if r["error"][nfe] > ddim["error"][nfe]:
+            if nfe in r["error"] and r["error"][nfe] > ddim["error"][nfe]:
                 worse.append(f"{r['schedule']}/{r['grid']}/{r['sampler']}@{nfe}")
     lines.append("worse than DDIM on the same schedule, grid and NFE: " + (", ".join(worse) or "none"))
-    return {"best": best, "worse_than_ddim": worse, "lines": lines}
+    lines.append("best grid worse than DDIM's best of the same grids (same schedule and NFE): " + (", ".join(worse_best) or "none"))
+    return {"best": best, "worse_than_ddim": worse, "best_grid_worse_than_ddim": worse_best, "lines": lines}
 
 
 def image_check(cfg):

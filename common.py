@@ -786,8 +786,16 @@ def steps_for_nfe(name, nfe, t_min=0.0, final="denoise"):
     return max(1, nfe - extra)
 
 
-def sample_grid(steps, schedule, t_max=1.0, grid="uniform", t_min=0.0, rho=7.0, s_max=10.0, t_steps=0, shift=1.0):
-    """The grid sample() runs on: time_grid, then the resolution shift when shift != 1."""
+def sample_grid(
+    steps, schedule, t_max=1.0, grid="uniform", t_min=0.0, rho=7.0, s_max=10.0, t_steps=0, shift=1.0, times=None
+):
+    """The grid sample() runs on: time_grid, then the resolution shift when shift != 1; or `times` as given (a grid
+    of fit_grid's: steps + 1 decreasing times in [0, 1])."""
+    if times is not None:
+        ts = torch.as_tensor(times, dtype=torch.float64).flatten()
+        ok = len(ts) == steps + 1 and bool((ts[1:] < ts[:-1]).all()) and 0 <= float(ts[-1]) and float(ts[0]) <= 1
+        check(ok, f"times: give steps + 1 = {steps + 1} decreasing times in [0, 1] (got {ts.tolist()})")
+        return ts
     ts = time_grid(steps, t_max, t_min, kind=grid, schedule=schedule, rho=rho, s_max=s_max, t_steps=t_steps)
     return resolution_shift(ts, shift) if shift != 1.0 else ts
 
@@ -850,6 +858,59 @@ def sample(name, denoise, noise, steps, schedule, generator=None, eta=0.0, progr
             x = _call(denoise, x, ts[-1])[0]
     bar.close()
     return x
+
+
+def fit_grid(name, denoise, noise, steps, schedule, distance=None, s_max=10.0, s_min=0.03, rounds=3, reference=None):
+    """A time grid fitted to one model and sampler, as Sabour et al. 2024 (Align Your Steps, arXiv:2404.14507) and
+    Chen et al. 2024 (GITS, arXiv:2405.11326) fit one per model: t = 1, then `steps` free times (the last one t_min,
+    followed by the final denoise) chosen to minimise `distance(x, reference)` between sampler `name`'s output from
+    `noise` (a pilot batch) and `reference`, an accurate solve of the same noise (default: UniPC, 400 steps on the
+    logsnr grid from s = 100 to 1e-3, s = sigma / alpha). The times are searched in log s by Nelder-Mead (scipy),
+    started from the best of the logsnr grids from s_max, sqrt(s_max) or 1 to s_min, and restarted from its result
+    `rounds` times. distance defaults to the mean squared distance per sample; a distribution-level one (bench.py
+    samplers uses the mixture's own error) fits better grids. Deterministic samplers only (the reference is the ODE's
+    own solution). Returns (ts, info): ts the steps + 1 times for sample(..., times=ts); info the distance before (on
+    the logsnr grid from s_max) and after, and `calls`, the denoiser evaluations spent, per sample of the pilot batch
+    times its size (a cost paid once per model, sampler and NFE)."""
+    from scipy.optimize import minimize  # scipy: only the fit needs it
+
+    check(name in DETERMINISTIC, f"fit_grid: {name!r} is stochastic; choose one of {', '.join(DETERMINISTIC)}")
+    check(steps >= 1, f"fit_grid: steps={steps}: give at least 1")
+    check(0 < s_min < s_max, f"fit_grid: need 0 < s_min < s_max (got s_min={s_min}, s_max={s_max})")
+    distance = distance or (lambda x, ref: float(((x - ref) ** 2).flatten(1).sum(1).mean()))
+    calls = {"n": 0}
+
+    def counted(x, t):
+        calls["n"] += 1
+        return denoise(x, t)
+
+    to_t = lambda log_s: schedule.t_from_log_snr(torch.as_tensor(-2 * log_s, dtype=torch.float64))  # noqa: E731
+    if reference is None:
+        t_ref = float(to_t(math.log(1e-3)))
+        reference = sample("unipc", counted, noise, 400, schedule, grid="logsnr", t_min=t_ref, s_max=100.0)
+    lo, hi = math.log(1e-3), min(math.log(1e3), -0.5 * float(_floored_log_snr(schedule, torch.tensor(1.0))) - 1e-3)
+
+    def grid_of(log_s):
+        log_s = sorted((min(max(float(v), lo), hi) for v in log_s), reverse=True)
+        for i in range(1, len(log_s)):  # distinct times: at least 0.1% apart in s
+            log_s[i] = min(log_s[i], log_s[i - 1] - 1e-3)
+        return torch.cat([torch.ones(1, dtype=torch.float64), to_t(np.array(log_s))])
+
+    def objective(log_s):
+        ts = grid_of(log_s)
+        with torch.no_grad():
+            x = SAMPLERS[name](counted, noise, ts, schedule)
+            x = _call(counted, x, ts[-1])[0]
+        value = distance(x, reference)
+        return value if math.isfinite(value) else 1e30
+
+    starts = [np.linspace(math.log(top), math.log(s_min), steps) for top in (s_max, s_max**0.5, 1.0) if top > s_min]
+    values = [objective(log_s) for log_s in starts]  # few steps of a 2nd-order method can fail from s_max: try lower
+    before, log_s = values[0], starts[int(np.argmin(values))]
+    for _ in range(rounds):
+        log_s = minimize(objective, log_s, method="Nelder-Mead", options={"maxiter": 200 * steps, "fatol": 0}).x
+    ts = grid_of(log_s)
+    return ts, {"before": before, "after": objective(log_s), "calls": calls["n"] * len(noise)}
 
 
 class GaussianMixture:

@@ -468,3 +468,92 @@ def test_two_sample_error_is_zero_against_itself_and_small_between_draws():
     assert MIXTURE.error(a, a)["max"] == 0.0
     assert MIXTURE.error(a, b)["max"] < 0.1
     assert MIXTURE.error(a * 1.2, b)["max"] > 0.15
+
+
+def test_explicit_times_are_used_and_checked():
+    sch = common.Schedule("cosine")
+    ts = torch.tensor([1.0, 0.6, 0.3, 0.05], dtype=torch.float64)
+    seen = []
+    denoise = common.make_denoiser(MIXTURE.model(sch, "v"), sch, "v")
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    common.sample("ddim", denoise, noise, 3, sch, times=ts, callback=lambda i, t, x, x0: seen.append(t))
+    assert seen == pytest.approx([1.0, 0.6, 0.3])
+    for bad in ([1.0, 0.3, 0.6, 0.05], [1.0, 0.5], [1.2, 0.5, 0.3, 0.1]):
+        with pytest.raises(SystemExit, match="times: give steps"):
+            common.sample_grid(3, sch, times=bad)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun"])
+def test_fitted_grid_beats_the_logsnr_grid_on_fresh_noise(sampler):
+    """fit_grid on a 300-sample pilot batch: the fitted grid's distance to an accurate solve must drop on the pilot
+    and, on 2000 other noise samples, be below the logsnr grid it started from (the grid generalises, not memorises)."""
+    sch = common.Schedule("cosine")
+    denoise = common.make_denoiser(MIXTURE.model(sch, "v"), sch, "v")
+    noise = lambda n, seed: torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # noqa: E731
+    steps = 3 if sampler == "heun" else 5
+    ts, info = common.fit_grid(sampler, denoise, noise(300, 0), steps, sch, rounds=1)
+    assert len(ts) == steps + 1 and float(ts[0]) == 1.0 and bool((ts[1:] < ts[:-1]).all())
+    assert info["after"] < info["before"] and info["calls"] > 0
+    fresh = noise(2000, 1)
+    t_ref = float(sch.t_from_log_snr(torch.tensor(-2 * math.log(1e-3), dtype=torch.float64)))
+    reference = common.sample("unipc", denoise, fresh, 400, sch, grid="logsnr", t_min=t_ref, s_max=100.0)
+    t_min = float(sch.t_from_log_snr(torch.tensor(-2 * math.log(0.03), dtype=torch.float64)))
+    mse = lambda x: float(((x - reference) ** 2).sum(1).mean())  # noqa: E731
+    fitted = mse(common.sample(sampler, denoise, fresh, steps, sch, times=ts))
+    logsnr = mse(common.sample(sampler, denoise, fresh, steps, sch, grid="logsnr", t_min=t_min))
+    assert fitted < 0.7 * logsnr, f"fitted {fitted:.4g} vs logsnr {logsnr:.4g}"
+
+
+def test_fit_grid_refuses_a_stochastic_sampler():
+    sch = common.Schedule("cosine")
+    denoise = common.make_denoiser(MIXTURE.model(sch, "v"), sch, "v")
+    with pytest.raises(SystemExit, match="stochastic"):
+        common.fit_grid("ddpm", denoise, torch.zeros(4, 2, dtype=torch.float64), 3, sch)
+
+
+def test_bench_summary_compares_each_sampler_with_ddim_on_the_same_grids():
+    import bench
+
+    def row(grid, sampler, errors):
+        return {"schedule": "cosine", "grid": grid, "sampler": sampler, "error": errors}
+
+    rows = [
+        row("uniform", "ddim", {5: 0.5, 10: 0.3}),
+        row("fitted", "ddim", {5: 0.2, 10: 0.1}),
+        row("uniform", "ddpm", {5: 0.4, 10: 0.35}),  # beats ddim's uniform at 5, loses at 10; no fitted row
+        row("uniform", "unipc", {5: 0.6, 10: 0.2}),
+        row("fitted", "unipc", {5: 0.15, 10: 0.02}),
+    ]
+    rows += [dict(r, schedule=kind) for kind in ("linear", "flow") for r in rows]
+    summary = bench.sampler_summary(rows, (5, 10), floor=0.02)
+    assert summary["best"]["cosine/10"] == {"sampler": "unipc", "grid": "fitted", "error": 0.02, "x_floor": 1.0}
+    assert "cosine/uniform/unipc@5" in summary["worse_than_ddim"]
+    assert "cosine/uniform/ddpm@10" in summary["worse_than_ddim"]
+    assert [w for w in summary["best_grid_worse_than_ddim"] if w.startswith("cosine")] == ["cosine/ddpm@10"]
+
+
+@pytest.mark.slow
+def test_bench_samplers_runs_small_and_rejects_bad_options(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def bench(*args):
+        cmd = [sys.executable, "bench.py", "samplers", *args, f"out_dir={tmp_path}"]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+    for bad, message in (("fit_pilot=0", "fit_pilot=0"), ("fit_nfes=1", "fit_nfes"), ("nfes=abc", "nfes")):
+        out = bench(bad)
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = bench("n=500", "repeats=1", "nfes=5", "fit_nfes=5", "fit_pilot=50")
+    assert out.returncode == 0, out.stderr
+    result = json.load(open(tmp_path / "bench_samplers.json"))
+    fitted = [r for r in result["rows"] if r["grid"] == "fitted"]
+    assert {r["sampler"] for r in fitted} == set(bench_fitted()) and all(list(r["error"]) == ["5"] for r in fitted)
+    assert all(len(r["times"]["5"]) == r["nfe_used"]["5"] for r in fitted if r["sampler"] != "heun")
+
+
+def bench_fitted():
+    import bench
+
+    return bench.FITTED
