@@ -152,7 +152,9 @@ def fitted_row(mixture, schedule, name, cfg, pilot, noises, refs):
         used[nfe], grids[nfe], calls = common.count_nfe(name, ts), ts.tolist(), calls + info["calls"]
         total = 0.0
         for r, (noise, ref) in enumerate(zip(noises, refs)):
-            x = common.sample(name, denoise, noise, steps, schedule, times=ts, generator=torch.Generator().manual_seed(r))
+            x = common.sample(
+                name, denoise, noise, steps, schedule, times=ts, generator=torch.Generator().manual_seed(r)
+            )
             total += mixture.error(x, ref)["max"]
         errors[nfe] = total / len(noises)
         print(f"fitted {schedule.kind} {name} NFE {nfe}: error {errors[nfe]:.4f}", flush=True)
@@ -164,9 +166,9 @@ def bench_samplers(argv):
     """Distribution error against NFE for every sampler x time grid x schedule, driven by a 2D Gaussian mixture's
     closed-form optimal denoiser (v-prediction): GaussianMixture.error (max of the per-component weight, mean / s_k
     and std / s_k errors) between the samples and an independent draw of the mixture, averaged over REPEATS
-    (noise, draw) pairs. The floor is the same metric between two independent draws. The `fitted` rows: a grid fitted
-per schedule, sampler and NFE in FIT_NFES (see fitted_row). With image_run=, also the image
-    check: FD-EffNet of a train_stl10.py run's samples at IMAGE_NFES for IMAGE_SAMPLERS."""
+    (noise, draw) pairs. The floor is the same metric between two independent draws. The `fitted` rows: a grid
+    fitted per schedule, sampler and NFE in FIT_NFES (see fitted_row). With image_run=, also the image check:
+    FD-EffNet of a train_stl10.py run's samples at IMAGE_NFES for IMAGE_SAMPLERS."""
     cfg = common.apply_overrides(dict(SAMPLER_BENCH, __doc__=bench_samplers.__doc__), argv)
     n, repeats, nfes = cfg["n"], cfg["repeats"], cfg["nfes"]
     common.check(n >= 2, f"n={n}: give at least 2 samples")
@@ -286,7 +288,10 @@ def sampler_summary(rows, nfes, floor):
             if nfe in r["error"] and r["error"][nfe] > ddim["error"][nfe]:
                 worse.append(f"{r['schedule']}/{r['grid']}/{r['sampler']}@{nfe}")
     lines.append("worse than DDIM on the same schedule, grid and NFE: " + (", ".join(worse) or "none"))
-    lines.append("best grid worse than DDIM's best of the same grids (same schedule and NFE): " + (", ".join(worse_best) or "none"))
+    lines.append(
+        "best grid worse than DDIM's best of the same grids (same schedule and NFE): "
+        + (", ".join(worse_best) or "none")
+    )
     return {"best": best, "worse_than_ddim": worse, "best_grid_worse_than_ddim": worse_best, "lines": lines}
 
 

@@ -535,19 +535,21 @@ def test_bench_summary_compares_each_sampler_with_ddim_on_the_same_grids():
 @pytest.mark.slow
 def test_bench_samplers_runs_small_and_rejects_bad_options(tmp_path):
     import json
+    import os
     import subprocess
     import sys
 
     def bench(*args):
         cmd = [sys.executable, "bench.py", "samplers", *args, f"out_dir={tmp_path}"]
-        return subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
 
     for bad, message in (("fit_pilot=0", "fit_pilot=0"), ("fit_nfes=1", "fit_nfes"), ("nfes=abc", "nfes")):
         out = bench(bad)
         assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = bench("n=500", "repeats=1", "nfes=5", "fit_nfes=5", "fit_pilot=50")
     assert out.returncode == 0, out.stderr
-    result = json.load(open(tmp_path / "bench_samplers.json"))
+    result = json.loads((tmp_path / "bench_samplers.json").read_text())
     fitted = [r for r in result["rows"] if r["grid"] == "fitted"]
     assert {r["sampler"] for r in fitted} == set(bench_fitted()) and all(list(r["error"]) == ["5"] for r in fitted)
     assert all(len(r["times"]["5"]) == r["nfe_used"]["5"] for r in fitted if r["sampler"] != "heun")
