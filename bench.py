@@ -95,6 +95,7 @@ SAMPLER_BENCH = {  # key=value overrides of `python bench.py samplers`
     "RHO": 7.0,  # karras grid exponent (Karras et al. 2022 eq. 5)
     "FIT_NFES": (5, 10),  # NFEs of the fitted grids (common.fit_grid; at 20 and 50 the fixed grids reach the floor)
     "FIT_PILOT": 2000,  # pilot batch each fitted grid is fitted on (its own seed, apart from the evaluation's noise)
+    "SCHEDULES": ("cosine", "linear", "flow"),  # noise schedules of the mixture tables
     "MIXTURE": True,  # the mixture tables (false: only the image check)
     "IMAGE_RUN": "",  # a train_stl10.py run: also FD-EffNet of its samples at IMAGE_NFES for IMAGE_SAMPLERS
     "IMAGE_SAMPLERS": ("unipc", "dpmpp_2m", "heun", "ddpm"),  # samplers of the image check
@@ -176,6 +177,10 @@ def bench_samplers(argv):
     common.check(len(nfes) > 0 and all(isinstance(k, int) and k >= 2 for k in nfes), f"nfes={nfes}: give NFEs >= 2")
     common.check(0 < cfg["s_min"] < cfg["s_max"], f"s_min={cfg['s_min']}, s_max={cfg['s_max']}: need 0 < s_min < s_max")
     common.check(cfg["rho"] > 0, f"rho={cfg['rho']}: give a positive exponent")
+    for kind in cfg["schedules"]:
+        common.check(
+            kind in common.Schedule.KINDS, f"schedules: {kind!r} is not one of {', '.join(common.Schedule.KINDS)}"
+        )
     common.check(cfg["fit_pilot"] >= 2, f"fit_pilot={cfg['fit_pilot']}: give at least 2 samples")
     common.check(
         all(isinstance(k, int) and k >= 2 for k in cfg["fit_nfes"]), f"fit_nfes={cfg['fit_nfes']}: give NFEs >= 2"
@@ -207,7 +212,7 @@ def bench_samplers(argv):
     ]
     pilot = torch.randn(cfg["fit_pilot"], 2, generator=torch.Generator().manual_seed(77), dtype=torch.float64)
     rows = []
-    for kind in common.Schedule.KINDS:
+    for kind in cfg["schedules"]:
         schedule = common.Schedule(kind)
         for grid in common.GRIDS:
             options = grid_options(grid, schedule, cfg["s_max"], cfg["s_min"], cfg["rho"])
@@ -257,7 +262,7 @@ def sampler_summary(rows, nfes, floor):
     same schedule and grid at the same NFE; and every sampler whose best grid is worse than DDIM's best of the same
     grids (ddpm and euler have no fitted grid)."""
     best, worse, worse_best, lines = {}, [], [], []
-    for kind in common.Schedule.KINDS:
+    for kind in dict.fromkeys(r["schedule"] for r in rows):
         for nfe in nfes:
             mine = [r for r in rows if r["schedule"] == kind and nfe in r["error"]]
             top = min(mine, key=lambda r: r["error"][nfe])

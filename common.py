@@ -867,7 +867,7 @@ def fit_grid(name, denoise, noise, steps, schedule, distance=None, s_max=10.0, s
     `noise` (a pilot batch) and `reference`, an accurate solve of the same noise (default: UniPC, 400 steps on the
     logsnr grid from s = 100 to 1e-3, s = sigma / alpha). The times are searched in log s by Nelder-Mead (scipy),
     started from the best of the logsnr grids from s_max, sqrt(s_max) or 1 to s_min, and restarted from its result
-    `rounds` times. distance defaults to the mean squared distance per sample; a distribution-level one (bench.py
+    `rounds` times (each at most 150 evaluations per free time). distance defaults to the mean squared distance per sample; a distribution-level one (bench.py
     samplers uses the mixture's own error) fits better grids. Deterministic samplers only (the reference is the ODE's
     own solution). Returns (ts, info): ts the steps + 1 times for sample(..., times=ts); info the distance before (on
     the logsnr grid from s_max) and after, and `calls`, the denoiser evaluations spent, per sample of the pilot batch
@@ -908,7 +908,8 @@ def fit_grid(name, denoise, noise, steps, schedule, distance=None, s_max=10.0, s
     values = [objective(log_s) for log_s in starts]  # few steps of a 2nd-order method can fail from s_max: try lower
     before, log_s = values[0], starts[int(np.argmin(values))]
     for _ in range(rounds):
-        log_s = minimize(objective, log_s, method="Nelder-Mead", options={"maxiter": 200 * steps, "fatol": 0}).x
+        options = {"maxfev": 150 * steps, "xatol": 1e-3, "fatol": 1e-6}
+        log_s = minimize(objective, log_s, method="Nelder-Mead", options=options).x
     ts = grid_of(log_s)
     return ts, {"before": before, "after": objective(log_s), "calls": calls["n"] * len(noise)}
 
