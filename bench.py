@@ -272,10 +272,10 @@ def sampler_summary(rows, nfes, floor):
                 "error": top["error"][nfe],
                 "x_floor": top["error"][nfe] / floor,
             }
-            for name in {r["sampler"] for r in mine} - {"ddim"}:  # best grid vs DDIM's best of the same grids
-                own = {r["grid"]: r["error"][nfe] for r in mine if r["sampler"] == name}
+            for name in dict.fromkeys(r["sampler"] for r in mine if r["sampler"] != "ddim"):  # best grid vs DDIM's
+                own = {r["grid"]: r["error"][nfe] for r in mine if r["sampler"] == name}  # best of the same grids
                 ddim = [r["error"][nfe] for r in mine if r["sampler"] == "ddim" and r["grid"] in own]
-                if min(own.values()) > min(ddim):
+                if ddim and min(own.values()) > min(ddim):
                     worse_best.append(f"{kind}/{name}@{nfe}")
         lines.append(
             f"best on {kind}: "
