@@ -972,6 +972,20 @@ class GaussianMixture:
             stats.append((len(xj) / len(x), mean, std))
         return stats
 
+    def squared_error(self, x, reference):
+        """The sum of squares of the per-component errors that error() takes the max of (weight, mean / s_k per
+        dimension, std / s_k) between samples x and reference: a smooth objective for fitting (inf where a component
+        gets fewer than 2 samples)."""
+        total = 0.0
+        for j, ((w, mean, std), (w_ref, mean_ref, std_ref)) in enumerate(
+            zip(self._component_stats(x), self._component_stats(reference))
+        ):
+            if mean is None or mean_ref is None:
+                return math.inf
+            s = float(self.s[j])
+            total += (w - w_ref) ** 2 + float(((mean - mean_ref) / s).pow(2).sum()) + ((std - std_ref) / s) ** 2
+        return total
+
     def error(self, x, reference=None):
         """How far samples x (N, D) are from the mixture: assign each to its most likely component, then the max over
         components of |weight error|, |mean error| / s_k (per dimension) and |std / s_k - 1|. The errors are taken

@@ -559,3 +559,17 @@ def bench_fitted():
     import bench
 
     return bench.FITTED
+
+
+def test_squared_error_is_the_sum_of_squares_behind_error():
+    x = MIXTURE.sample(4000, torch.Generator().manual_seed(0))
+    ref = MIXTURE.sample(4000, torch.Generator().manual_seed(1))
+    assert MIXTURE.squared_error(x, x) == 0.0
+    e, sq = MIXTURE.error(x, ref), MIXTURE.squared_error(x, ref)
+    assert e["max"] ** 2 <= sq <= 11 * e["max"] ** 2  # 3 components x (weight, 2 mean dimensions, std) terms
+    shifted = x + torch.tensor(
+        [0.0, 0.1], dtype=torch.float64
+    )  # the narrow component (s = 0.2) moves by half a std, the others by 1/3 and 1/5
+    assert MIXTURE.squared_error(shifted, x) == pytest.approx(
+        (0.1 / 0.3) ** 2 + (0.1 / 0.5) ** 2 + (0.1 / 0.2) ** 2, rel=0.01
+    )
