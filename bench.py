@@ -169,8 +169,8 @@ def fitted_row(mixture, schedule, name, cfg, pilot, noises, refs):
 def bench_samplers(argv):
     """Distribution error against NFE for every sampler x time grid x schedule, driven by a synthetic 2D Gaussian
     mixture's closed-form optimal denoiser (v-prediction): GaussianMixture.error (max of the per-component weight,
-    mean / s_k and std / s_k errors) between the samples and an independent draw of the mixture, averaged over REPEATS
-    (noise, draw) pairs. The floor is the same metric between two independent draws. The `fitted` rows: a grid
+    mean / s_k and std / s_k errors) between the samples and an independent draw of the mixture, averaged over
+    REPEATS (noise, draw) pairs. The floor is the same metric between two independent draws. The `fitted` rows: a grid
     fitted per schedule, sampler and NFE in FIT_NFES (see fitted_row). With image_run=, also the image check:
     FD-EffNet of a train_stl10.py run's samples at IMAGE_NFES for IMAGE_SAMPLERS."""
     cfg = common.apply_overrides(dict(SAMPLER_BENCH, __doc__=bench_samplers.__doc__), argv)
@@ -227,7 +227,8 @@ def bench_samplers(argv):
     print(
         f"distribution error vs NFE on the synthetic 2D Gaussian mixture: {n} samples, mean of {repeats} (noise, "
         f"reference draw) pairs; the floor (two independent draws of the mixture) is {floor:.4f}. uniform: t from 1 "
-        f"to 0; karras (rho {cfg['rho']:g}) and logsnr: t = 1, then sigma / alpha from {cfg['s_max']:g} to {cfg['s_min']:g}, then the final denoise"
+        f"to 0; karras (rho {cfg['rho']:g}) and logsnr: t = 1, then sigma / alpha from {cfg['s_max']:g} to "
+        f"{cfg['s_min']:g}, then the final denoise"
     )
     print(
         f"{'schedule':<8} {'grid':<8} {'sampler':<9} "

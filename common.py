@@ -867,11 +867,11 @@ def fit_grid(name, denoise, noise, steps, schedule, distance=None, s_max=10.0, s
     `noise` (a pilot batch) and `reference`, an accurate solve of the same noise (default: UniPC, 400 steps on the
     logsnr grid from s = 100 to 1e-3, s = sigma / alpha). The times are searched in log s by Nelder-Mead (scipy),
     started from the best of the logsnr grids from s_max, sqrt(s_max) or 1 to s_min, and restarted from its result
-    `rounds` times (each at most 150 evaluations per free time). distance defaults to the mean squared distance per sample; a distribution-level one (bench.py
-    samplers uses the mixture's own error) fits better grids. Deterministic samplers only (the reference is the ODE's
-    own solution). Returns (ts, info): ts the steps + 1 times for sample(..., times=ts); info the distance before (on
-    the logsnr grid from s_max) and after, and `calls`, the denoiser evaluations spent, per sample of the pilot batch
-    times its size (a cost paid once per model, sampler and NFE)."""
+    `rounds` times (each at most 150 evaluations per free time). distance defaults to the mean squared distance per
+    sample; a distribution-level one fits better grids (bench.py samplers uses GaussianMixture.squared_error).
+    Deterministic samplers only (the reference is the ODE's own solution). Returns (ts, info): ts the steps + 1 times
+    for sample(..., times=ts); info the distance before (on the logsnr grid from s_max) and after, and `calls`, the
+    denoiser evaluations spent, per sample of the pilot batch times its size (paid once per model, sampler and NFE)."""
     from scipy.optimize import minimize  # scipy: only the fit needs it
 
     check(name in DETERMINISTIC, f"fit_grid: {name!r} is stochastic; choose one of {', '.join(DETERMINISTIC)}")

@@ -489,7 +489,10 @@ def test_fitted_grid_beats_the_logsnr_grid_on_fresh_noise(sampler):
     and, on 2000 other noise samples, be below the logsnr grid it started from (the grid generalises, not memorises)."""
     sch = common.Schedule("cosine")
     denoise = common.make_denoiser(MIXTURE.model(sch, "v"), sch, "v")
-    noise = lambda n, seed: torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # noqa: E731
+
+    def noise(n, seed):
+        return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
     steps = 3 if sampler == "heun" else 5
     ts, info = common.fit_grid(sampler, denoise, noise(300, 0), steps, sch, rounds=1)
     assert len(ts) == steps + 1 and float(ts[0]) == 1.0 and bool((ts[1:] < ts[:-1]).all())
