@@ -860,22 +860,43 @@ def sample(name, denoise, noise, steps, schedule, generator=None, eta=0.0, progr
     return x
 
 
-def fit_grid(name, denoise, noise, steps, schedule, distance=None, s_max=10.0, s_min=0.03, rounds=3, reference=None):
+def fit_grid(
+    name,
+    denoise,
+    noise,
+    steps,
+    schedule,
+    distance=None,
+    s_max=10.0,
+    s_min=0.03,
+    rounds=3,
+    reference=None,
+    seed=0,
+    final="denoise",
+):
     """A time grid fitted to one model and sampler, as Sabour et al. 2024 (Align Your Steps, arXiv:2404.14507) and
     Chen et al. 2024 (GITS, arXiv:2405.11326) fit one per model: t = 1, then `steps` free times (the last one t_min,
-    followed by the final denoise) chosen to minimise `distance(x, reference)` between sampler `name`'s output from
-    `noise` (a pilot batch) and `reference`, an accurate solve of the same noise (default: UniPC, 400 steps on the
-    logsnr grid from s = 100 to 1e-3, s = sigma / alpha). The times are searched in log s by Nelder-Mead (scipy),
-    started from the best of the logsnr grids from s_max, sqrt(s_max) or 1 to s_min, and restarted from its result
-    `rounds` times (each at most 150 evaluations per free time). distance defaults to the mean squared distance per
-    sample; a distribution-level one fits better grids (bench.py samplers uses GaussianMixture.squared_error).
-    Deterministic samplers only (the reference is the ODE's own solution). Returns (ts, info): ts the steps + 1 times
-    for sample(..., times=ts); info the distance before (on the logsnr grid from s_max) and after, and `calls`, the
-    denoiser evaluations spent, per sample of the pilot batch times its size (paid once per model, sampler and NFE)."""
+    followed by the final step `final` as in sample()) chosen to minimise `distance(x, reference)` between sampler
+    `name`'s output from `noise` (a pilot batch) and `reference`, an accurate solve of the same noise (default: UniPC,
+    400 steps on the logsnr grid from s = 100 to 1e-3, s = sigma / alpha). The times are searched in log s by
+    Nelder-Mead (scipy), started from the best of four grids (logsnr from s_max, sqrt(s_max) or 1 to s_min, and the
+    uniform grid in t of the same NFE, whose last step lands on t = 0), and restarted from its result `rounds` times
+    (each at most 150 evaluations per free time). distance defaults to the mean squared distance per sample; a
+    distribution-level one fits better grids (bench.py samplers uses GaussianMixture.squared_error). A stochastic
+    sampler (ddpm) needs a distribution-level distance (its output is a draw, not the ODE's solution of the noise);
+    every evaluation runs on the same random numbers (a generator seeded `seed`), so that the objective is a
+    deterministic function of the grid. Returns (ts, info): ts the steps + 1 times for sample(..., times=ts); info the
+    distance before (on the logsnr grid from s_max) and after, and `calls`, the denoiser evaluations spent, per sample
+    of the pilot batch times its size (paid once per model, sampler and NFE)."""
     from scipy.optimize import minimize  # scipy: only the fit needs it
 
-    check(name in DETERMINISTIC, f"fit_grid: {name!r} is stochastic; choose one of {', '.join(DETERMINISTIC)}")
+    check(name in SAMPLERS, f"fit_grid: unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    check(
+        name in DETERMINISTIC or distance is not None,
+        f"fit_grid: {name!r} is stochastic; give a distribution-level distance (e.g. GaussianMixture.squared_error)",
+    )
     check(steps >= 1, f"fit_grid: steps={steps}: give at least 1")
+    check(final in FINAL_STEPS, f"fit_grid: unknown final step {final!r}; choose one of {', '.join(FINAL_STEPS)}")
     check(0 < s_min < s_max, f"fit_grid: need 0 < s_min < s_max (got s_min={s_min}, s_max={s_max})")
     distance = distance or (lambda x, ref: float(((x - ref) ** 2).flatten(1).sum(1).mean()))
     calls = {"n": 0}
@@ -899,12 +920,16 @@ def fit_grid(name, denoise, noise, steps, schedule, distance=None, s_max=10.0, s
     def objective(log_s):
         ts = grid_of(log_s)
         with torch.no_grad():
-            x = SAMPLERS[name](counted, noise, ts, schedule)
-            x = _call(counted, x, ts[-1])[0]
+            x = SAMPLERS[name](counted, noise, ts, schedule, generator=torch.Generator().manual_seed(seed))
+            x = _call(counted, x, ts[-1])[0] if final == "denoise" else x
         value = distance(x, reference)
         return value if math.isfinite(value) else 1e30
 
     starts = [np.linspace(math.log(top), math.log(s_min), steps) for top in (s_max, s_max**0.5, 1.0) if top > s_min]
+    # and the uniform grid in t whose last step lands on t = 0 (DDIM's and DDPM's best at low NFE): its final step
+    # from t = 1 / (steps + 1) returns x0_hat, the same as the final denoise there
+    lam = _floored_log_snr(schedule, torch.linspace(1.0, 0.0, steps + 2, dtype=torch.float64)[1:-1])
+    starts.append((-0.5 * lam).clamp(lo, hi).numpy())
     values = [objective(log_s) for log_s in starts]  # few steps of a 2nd-order method can fail from s_max: try lower
     before, log_s = values[0], starts[int(np.argmin(values))]
     for _ in range(rounds):
