@@ -280,6 +280,32 @@ class ArcBlock(nn.Module):
         x = self.norm1(x + self.drop(self.attn(x, mask=mask)))
         return self.norm2(x + self.drop(self.ffn(x)))
 
+    def _qkv(self, x):
+        """Per-head queries, keys and values (B, heads, L, D / heads) of this layer's attention."""
+        a = self.attn
+        q = rearrange(a.q(x), "b l (h d) -> b h l d", h=a.heads)
+        k, v = rearrange(a.kv(x), "b l (two h d) -> two b h l d", two=2, h=a.heads)
+        return a.q_norm(q), a.k_norm(k), v
+
+    def _rest(self, x, attended):
+        """The layer after attention: output projection, residual, norms and FFN."""
+        x = self.norm1(x + self.drop(self.attn.proj(rearrange(attended, "b h l d -> b l (h d)"))))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+    def prefix(self, x):
+        """The layer on prefix tokens that attend to one another only: -> (x, (k, v)), k and v the keys and values
+        the prefix offers the tokens after it (the same at every denoising step: a sampler computes them once)."""
+        q, k, v = self._qkv(x)
+        return self._rest(x, F.scaled_dot_product_attention(q, k, v)), (k, v)
+
+    def suffix(self, x, kv):
+        """The layer on tokens that attend to the prefix's keys and values kv and to one another. With prefix(),
+        the same function as forward() with the mask that hides the suffix from the prefix, without computing the
+        masked-out block, and without a mask (so fused attention kernels apply)."""
+        q, k, v = self._qkv(x)
+        k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+        return self._rest(x, F.scaled_dot_product_attention(q, k, v))
+
 
 class ArcDenoiser(nn.Module):
     """Denoiser of D3PM-uniform ARC output grids (Austin et al. 2021, arXiv:2107.03006), one (input, output) pair
@@ -289,7 +315,10 @@ class ArcDenoiser(nn.Module):
     colour embedding (PAD = 10 embeds to zero) plus learned row and column embeddings (D/2 each); tokens outside a
     grid are zero. Departure from a plain encoder: prefix tokens do not attend to the time and output tokens, so
     the size head (mean of the input-cell states) is a function of (task, augmentation, input) alone and sees
-    the same thing at training and at inference, where predict_size() runs the prefix only.
+    the same thing at training and at inference, where predict_size() runs the prefix only. The same mask makes the
+    prefix's keys and values independent of the noisy output: forward() runs the prefix on its own (encode_prefix)
+    and then the time and output tokens against its keys and values (split attention: no work on masked pairs, no
+    mask, so fused kernels apply), and a sampler passes encode_prefix(cond) as `cache` to every step.
 
     model(x, t, cond) -> colour logits (B, G, G, 10); with return_size=True also size logits (B, 2, G), where
     x (B, G, G) long is the noisy output (PAD outside its h x w) and cond a dict: task (B,), inp (B, G, G) long
@@ -347,9 +376,20 @@ class ArcDenoiser(nn.Module):
         pooled = (cells * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
         return self.size_head(pooled).view(-1, 2, self.grid)  # (B, 2, G): height and width classes 1..G
 
-    def forward(self, x, t, cond=None, return_size=False):
-        B, G = x.shape[0], self.grid
+    def encode_prefix(self, cond):
+        """The prefix pass: {"kv": per layer the prefix's keys and values, "h": its final states, "valid": the
+        valid-input mask}. It does not depend on the noisy output or time, so a sampler computes it once per sample
+        and passes it to every denoising step (forward's `cache`)."""
         prefix, valid = self._prefix(cond)
+        h, kv = self.emb_drop(prefix), []
+        for block in self.blocks:
+            h, pair = block.prefix(h)
+            kv.append(pair)
+        return {"kv": kv, "h": h, "valid": valid}
+
+    def _output_tokens(self, x, t, cond, dtype):
+        """(B, 1 + G*G, D): the time token and the noisy output cells (with self-conditioning)."""
+        B, G = x.shape[0], self.grid
         out = rearrange(x, "b r c -> b (r c)")
         out_valid = out != self.pad
         cells = self.out_emb(out) + self._positions()
@@ -359,23 +399,36 @@ class ArcDenoiser(nn.Module):
             sc = sc - sc.mean(-1, keepdim=True)
         cells = cells + self.self_cond(sc.to(cells.dtype))  # always applied, so every rank uses every parameter
         cells = cells * out_valid[..., None]  # noisy-output tokens are zero outside the output's h x w
-        time = self.time_embed(t).to(prefix.dtype)[:, None]  # (B, 1, D)
-        h = self.emb_drop(torch.cat([prefix, time, cells], dim=1))  # (B, L, D), L = 4 + 2 G*G
+        time = self.time_embed(t).to(dtype)[:, None]  # (B, 1, D)
+        return torch.cat([time, cells], dim=1)
+
+    def forward(self, x, t, cond=None, return_size=False, cache=None):
+        """Split attention: the prefix pass (or `cache`, encode_prefix(cond) computed once), then the time and
+        output tokens attending to the prefix's keys and values and to one another (ArcBlock.suffix)."""
+        cache = self.encode_prefix(cond) if cache is None else cache
+        h = self.emb_drop(self._output_tokens(x, t, cond, cache["h"].dtype))
+        for block, kv in zip(self.blocks, cache["kv"]):
+            h = block.suffix(h, kv)
+        logits = rearrange(self.head(h[:, 1:]), "b (r c) k -> b r c k", r=self.grid)
+        return (logits, self._size_logits(cache["h"], cache["valid"])) if return_size else logits
+
+    def forward_masked(self, x, t, cond=None, return_size=False):
+        """forward() as one masked attention over the whole sequence: the same function, computing the masked-out
+        block too (the reference for tests, the 'before' of bench.py arc)."""
+        prefix, valid = self._prefix(cond)
+        h = self.emb_drop(torch.cat([prefix, self._output_tokens(x, t, cond, prefix.dtype)], dim=1))
         P, L = prefix.shape[1], h.shape[1]
         mask = torch.ones(1, L, L, dtype=torch.bool, device=h.device)
         mask[:, :P, P:] = False  # the prefix never sees time or the noisy output
         for block in self.blocks:
             h = block(h, mask)
-        logits = rearrange(self.head(h[:, P + 1 :]), "b (r c) k -> b r c k", r=G)
+        logits = rearrange(self.head(h[:, P + 1 :]), "b (r c) k -> b r c k", r=self.grid)
         return (logits, self._size_logits(h, valid)) if return_size else logits
 
     def predict_size(self, cond):
         """Size logits (B, 2, G) from the prefix alone (equal to forward's, which hides the rest from the prefix)."""
-        prefix, valid = self._prefix(cond)
-        h = self.emb_drop(prefix)
-        for block in self.blocks:
-            h = block(h)
-        return self._size_logits(h, valid)
+        cache = self.encode_prefix(cond)
+        return self._size_logits(cache["h"], cache["valid"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

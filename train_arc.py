@@ -311,12 +311,13 @@ def per_sample_generators(seeds, device):
 
 
 @torch.no_grad()
-def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None):
+def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None, use_cache=True):
     """Reverse D3PM-uniform process from uniform random colours inside `size` (B, 2) over `steps` levels
     round(linspace(T - 1, 0, steps)); each step draws x_s from the exact p(x_s | x_t) = sum_x0 q(x_s | x_t, x0)
     p(x0 | x_t) for the network's posterior p(x0 | x_t) (common.d3pm_uniform_reverse), self-conditioned on the
     previous logits; the last step takes the argmax. Sample b draws its noise from its own generator seeded
-    seeds[b]. -> (B, G, G) long, _PAD outside `size`."""
+    seeds[b]. The input prefix's keys and values are computed once (model.encode_prefix) and reused at every step;
+    use_cache=False recomputes them each step (the same logits, slower). -> (B, G, G) long, _PAD outside `size`."""
     B, G, dev = size.shape[0], cond["inp"].shape[-1], size.device
     gens = per_sample_generators(seeds, dev)
     i, j = torch.arange(G, device=dev).view(1, G, 1), torch.arange(G, device=dev).view(1, 1, G)
@@ -325,9 +326,11 @@ def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None)
     x = torch.where(mask, x, _PAD)
     ts = torch.linspace(t_steps - 1, 0, steps).round() / t_steps
     logits = None
+    cache = model.encode_prefix(cond) if use_cache else None  # the input prefix: the same at every step
     for k in range(steps):
         log_snr = common.d3pm_log_snr(torch.full((B,), float(ts[k]), device=dev), floor)
-        logits = model(x, log_snr, {**cond, "self_cond": logits}).float()
+        step_cond = {**cond, "self_cond": logits}
+        logits = (model(x, log_snr, step_cond, cache=cache) if use_cache else model(x, log_snr, step_cond)).float()
         if k == steps - 1:
             x = torch.where(mask, logits.argmax(-1), _PAD)
             break

@@ -129,6 +129,76 @@ def test_sampler_shapes_and_seeds():
     assert torch.equal(x1[0], x[1])
 
 
+def _real_cond(n, grid=10, seed=0):
+    """n real ARC-AGI-1 pairs (inputs, outputs noised at random) under random augmentations."""
+    task_ids, pairs, _ = ta.split_examples(ta.load_tasks("arc1"), "eval", grid, -1)
+    data = ta.to_tensors(pairs, grid)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(pairs), (n,), generator=gen)
+    d4, shift = torch.randint(0, 8, (n,), generator=gen), torch.randint(0, 9, (n,), generator=gen)
+    cond = ta.make_cond(data, idx, d4, shift)
+    out, size = ta.augment(data["out"][idx], data["out_size"][idx], d4, shift)
+    noisy = torch.where(torch.rand(out.shape, generator=gen) < 0.5, torch.randint(0, 10, out.shape, generator=gen), out)
+    return len(task_ids), cond, torch.where(out == ta._PAD, ta._PAD, noisy.long()), size
+
+
+class Masked(torch.nn.Module):
+    """An ArcDenoiser whose forward is the masked full-sequence attention (no split, no cache)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, cond=None, return_size=False):
+        return self.net.forward_masked(x, t, cond, return_size)
+
+    def predict_size(self, cond):
+        return self.net.predict_size(cond)
+
+
+def test_split_attention_equals_the_masked_full_attention():
+    """forward (prefix on its own, then the suffix against its keys and values) against forward_masked (one attention
+    over the whole sequence with the mask hiding the suffix from the prefix): same logits, size logits and gradients
+    on real pairs, with and without self-conditioning."""
+    n_tasks, cond, x, _ = _real_cond(6)
+    torch.manual_seed(0)
+    m = models.ArcDenoiser(64, 3, 4, n_tasks=n_tasks, grid=10, dropout=0.0, input_dropout=0.0)
+    t = torch.linspace(-8, 8, 6)
+    for self_cond in (None, torch.randn(6, 10, 10, 10)):
+        c = {**cond, "self_cond": self_cond}
+        split, split_size = m(x, t, c, return_size=True)
+        masked, masked_size = m.forward_masked(x, t, c, return_size=True)
+        torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(split_size, masked_size, atol=1e-5, rtol=1e-5)
+    grads = []
+    for fn in (m, m.forward_masked):
+        m.zero_grad()
+        logits, size = fn(x, t, cond, return_size=True)
+        (logits.square().mean() + size.square().mean()).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_cached_prefix_gives_the_same_logits_and_samples():
+    """Sampling with the input prefix's keys and values computed once (encode_prefix) against recomputing the whole
+    masked sequence at every step: the same logits at every step, and the same sampled grids."""
+    n_tasks, cond, x, size = _real_cond(5, seed=1)
+    torch.manual_seed(1)
+    m = models.ArcDenoiser(64, 3, 4, n_tasks=n_tasks, grid=10).eval()
+    cache = m.encode_prefix(cond)
+    logits = None
+    for t in (6.0, 0.0, -6.0):  # a few steps, self-conditioned on the previous logits
+        c = {**cond, "self_cond": logits}
+        cached = m(x, torch.full((5,), t), c, cache=cache)
+        torch.testing.assert_close(cached, m.forward_masked(x, torch.full((5,), t), c), atol=1e-5, rtol=1e-5)
+        logits = cached
+    seeds = [3, 4, 5, 6, 7]
+    fast = ta.sample_grids(m, cond, size, seeds, 8, 128, 0.02)
+    slow = ta.sample_grids(Masked(m), cond, size, seeds, 8, 128, 0.02, use_cache=False)
+    assert torch.equal(fast, slow)
+
+
 def write_official(folder, train, evaluation):
     os.makedirs(folder, exist_ok=True)
     for stem, tasks in [("arc-agi_training", train), ("arc-agi_evaluation", evaluation)]:
