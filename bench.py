@@ -381,9 +381,10 @@ def image_check(cfg):
 
 ARC_BENCH = {  # key=value overrides of `python bench.py arc`
     "BATCH": -1,  # ARC pairs per training step; -1: 128 on GPU (the recipe's batch), 8 on CPU
+    "SAMPLE_BATCH": -1,  # samples per denoising call; -1: 256 on GPU (evaluate.py's batch), 8 on CPU
     "GRID": 30,  # padded grid side, as in train_arc.py
     "ITERS": 3,  # timed steps per preset (after one warm-up)
-    "SIZES": ("tiny", "toiny", "smol", "mediom", "lorge"),  # presets to run
+    "SIZES": ("tiny", "micro", "toiny", "smol", "mediom", "lorge"),  # presets to run
     "OUT_DIR": ".",  # where bench_arc.json goes
 }
 
@@ -393,7 +394,7 @@ def _arc_one(args):
     AdamW) on real ARC-AGI-1 training pairs, and peak memory."""
     import train_arc
 
-    size, batch, grid, iters = args
+    size, batch, sample_batch, grid, iters = args
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = memory_baseline(dev)
     task_ids, pairs, _ = train_arc.split_examples(train_arc.load_tasks("arc1"), "eval", grid, -1)
@@ -404,40 +405,90 @@ def _arc_one(args):
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     recipe = (train_arc.T_STEPS, train_arc.KEEP_FLOOR, train_arc.SELF_COND_PROB, train_arc.SIZE_WEIGHT)  # defaults
 
-    def train_step():
+    def train_step(model):
         idx = torch.randint(0, len(pairs), (batch,), generator=gen, device=dev)
         with autocast:
-            loss = train_arc.training_loss(net, data, idx, gen, *recipe)[0]
+            loss = train_arc.training_loss(model, data, idx, gen, *recipe)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step_s = seconds_per_call(train_step, iters, dev)
+    step_s = seconds_per_call(lambda: train_step(net), iters, dev)
     mem = common.peak_memory_mb(dev) - base
+    masked_step_s = seconds_per_call(lambda: train_step(models.MaskedArc(net)), iters, dev)
+    # sampling: one denoising step of sample_batch real pairs, cached prefix + split attention against the masked
+    # full sequence (before); a sample is one size prediction (a prefix pass), then EVAL steps denoising steps
+    net.eval()
+    idx = torch.arange(sample_batch, device=dev) % len(pairs)
+    zero = torch.zeros_like(idx)
+    cond = train_arc.make_cond(data, idx, zero, zero)
+    x, t = data["out"][idx].long(), torch.zeros(sample_batch, device=dev)
+    with torch.no_grad(), autocast:
+        cache = net.encode_prefix(cond)
+        prefix_s = seconds_per_call(lambda: net.encode_prefix(cond), iters, dev)
+        cached_s = seconds_per_call(lambda: net(x, t, cond, cache=cache), iters, dev)
+        masked_s = seconds_per_call(lambda: net.forward_masked(x, t, cond), iters, dev)
+    steps = train_arc.EVAL["STEPS"]
+    before, after = prefix_s + steps * masked_s, 2 * prefix_s + steps * cached_s  # seconds per sample_batch samples
     params = sum(p.numel() for p in net.parameters()) / 1e6
-    return {"size": size, "params_m": params, "train_examples_s": batch / step_s, "peak_mem_mib": mem}
+    return {
+        "size": size,
+        "params_m": params,
+        "train_examples_s": batch / step_s,
+        "train_examples_s_masked": batch / masked_step_s,
+        "peak_mem_mib": mem,
+        "denoise_step_s_cached": cached_s,
+        "denoise_step_s_masked": masked_s,
+        "prefix_s": prefix_s,
+        "samples_s": sample_batch / after,
+        "samples_s_masked": sample_batch / before,
+        # the full ARC-AGI-1 evaluation: 419 test pairs x (2 plain + 72 voting) samples of EVAL steps steps
+        "full_eval_h": 419 * 74 / sample_batch * after / 3600,
+        "full_eval_h_masked": 419 * 74 / sample_batch * before / 3600,
+    }
 
 
 def bench_arc(argv):
     """ARC denoiser presets at the train_arc.py configuration (GRID x GRID pairs, 4 + 2 GRID^2 tokens): training
     examples/s and peak memory (CUDA allocated, or on CPU the growth of the process's peak RSS), each preset in a
-    fresh process. Self-conditioning runs on about half the steps, as in training."""
+    fresh process; self-conditioning runs on about half the steps, as in training. Beside each, the same with the
+    masked full-sequence attention (models.MaskedArc, the computation before the split), and sampling: samples/s
+    and the estimated hours of the full ARC-AGI-1 evaluation (419 test pairs x 74 samples of evaluate.py's STEPS
+    steps, plus their size predictions) with the prefix cached against the masked model recomputing it per step."""
     opts = common.apply_overrides(dict(ARC_BENCH, __doc__=bench_arc.__doc__), argv)
     common.check(opts["batch"] > 0 or opts["batch"] == -1, f"batch={opts['batch']}: give a positive number or -1")
     common.check(opts["iters"] > 0, f"iters={opts['iters']}: give a positive number")
     unknown = [s for s in opts["sizes"] if s not in models.ArcDenoiser.PRESETS]
     if unknown:
         common.die(f"sizes={unknown}: choose from {', '.join(models.ArcDenoiser.PRESETS)}")
-    batch = opts["batch"] if opts["batch"] > 0 else (128 if torch.cuda.is_available() else 8)
+    common.check(
+        opts["sample_batch"] > 0 or opts["sample_batch"] == -1,
+        f"sample_batch={opts['sample_batch']}: give a positive number or -1",
+    )
+    gpu = torch.cuda.is_available()
+    batch = opts["batch"] if opts["batch"] > 0 else (128 if gpu else 8)
+    sample_batch = opts["sample_batch"] if opts["sample_batch"] > 0 else (256 if gpu else 8)
     path = result_path(opts["out_dir"], "arc")
     device = device_name()
-    print(f"arc: {opts['grid']}x{opts['grid']} grids, batch {batch}, {device}", flush=True)
+    print(f"arc: {opts['grid']}x{opts['grid']} grids, batch {batch}, sampling batch {sample_batch}, {device}")
+    print("split = prefix on its own, then the output against its keys and values; masked = one masked attention")
+    print("over the whole sequence (before). Sampling: split with the prefix cached once per sample.")
+    print(
+        f"{'preset':<8}{'params':>8} {'train ex/s split':>17} {'masked':>8} {'MiB':>7} {'samples/s cached':>17} "
+        f"{'masked':>8} {'full eval h':>12} {'masked':>8}",
+        flush=True,
+    )
     rows = []
     for size in opts["sizes"]:
-        rows.append(in_fresh_process(_arc_one, (size, batch, opts["grid"], opts["iters"])))
+        rows.append(in_fresh_process(_arc_one, (size, batch, sample_batch, opts["grid"], opts["iters"])))
         r = rows[-1]
-        print(f"{size:<8}{r['params_m']:>7.1f}M {r['train_examples_s']:>9.2f} examples/s {r['peak_mem_mib']:>7.0f} MiB")
-    write_result(path, {"batch": batch, "device": device, **opts, "rows": rows})
+        print(
+            f"{size:<8}{r['params_m']:>7.1f}M {r['train_examples_s']:>17.2f} {r['train_examples_s_masked']:>8.2f} "
+            f"{r['peak_mem_mib']:>7.0f} {r['samples_s']:>17.2f} {r['samples_s_masked']:>8.2f} "
+            f"{r['full_eval_h']:>12.2f} {r['full_eval_h_masked']:>8.2f}",
+            flush=True,
+        )
+    write_result(path, {"batch": batch, "sample_batch": sample_batch, "device": device, **opts, "rows": rows})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -431,6 +431,21 @@ class ArcDenoiser(nn.Module):
         return self._size_logits(cache["h"], cache["valid"])
 
 
+class MaskedArc(nn.Module):
+    """An ArcDenoiser run the slow way: forward is forward_masked (one masked attention over the whole sequence,
+    recomputing the prefix at every call). The reference for tests and the 'before' of bench.py arc."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, cond=None, return_size=False):
+        return self.net.forward_masked(x, t, cond, return_size)
+
+    def predict_size(self, cond):
+        return self.net.predict_size(cond)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # UNet
 # ----------------------------------------------------------------------------------------------------------------

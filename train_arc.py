@@ -541,6 +541,8 @@ EVAL = {  # `python evaluate.py RUN key=value` options for train_arc checkpoints
     "MAX_PAIRS": -1,  # score only the first N held-out test pairs; -1 all
     "DATA": "",  # "" the checkpoint's data; or arc1 | arc2 | a folder with the official JSON files
     "GALLERY": 8,  # test pairs drawn in gallery_{mode}.png (input, target, both attempts); 0 none
+    "FIT_PAIRS": 0,  # also score this many test pairs of the training tasks, seen in training (holdout=eval runs;
+    # evenly spread; -1 all): the "fit" rung of the CPU benchmark's ladder
 }
 
 
@@ -557,38 +559,88 @@ def check_eval_options(opts):
         common.die(f"max_pairs={opts['max_pairs']}: give a positive number of test pairs, or -1 for all")
     if opts["gallery"] < 0:
         common.die(f"gallery={opts['gallery']}: give a number of test pairs >= 0")
+    if opts["fit_pairs"] < -1:
+        common.die(f"fit_pairs={opts['fit_pairs']}: give a number of pairs >= 0, or -1 for all")
+
+
+def ladder(attempts, pairs):
+    """The rungs below pass@2 for one set of pairs and their attempts: how often attempt 1 has the target's size,
+    and on those pairs the fraction of cells attempt 1 gets right beside two baselines on the same cells (paint
+    every cell 0; copy the input, 0 where it does not reach). -> dict of fractions and counts."""
+    right = [(a[0], inp, out) for a, (_, inp, out) in zip(attempts, pairs) if a[0].shape == out.shape]
+    cells = sum(out.size for _, _, out in right)
+
+    def copy(inp, shape):
+        c = np.zeros(shape, dtype=inp.dtype)
+        h, w = min(shape[0], inp.shape[0]), min(shape[1], inp.shape[1])
+        c[:h, :w] = inp[:h, :w]
+        return c
+
+    hits = lambda f: sum(int((f(a, inp, out) == out).sum()) for a, inp, out in right)  # noqa: E731
+    return {
+        "size_acc": len(right) / max(len(pairs), 1),
+        "size_right": len(right),
+        "cell_acc": hits(lambda a, inp, out: a) / max(cells, 1),
+        "cell_acc_black": hits(lambda a, inp, out: np.zeros_like(out)) / max(cells, 1),
+        "cell_acc_copy": hits(lambda a, inp, out: copy(inp, out.shape)) / max(cells, 1),
+        "cells": cells,
+    }
+
+
+def fit_pairs(tasks, config, n):
+    """n test pairs of the training tasks (which a holdout=eval run trained on), evenly spread; -1 all."""
+    if config["holdout"] != "eval":
+        common.die(f"fit_pairs needs a holdout=eval run (this one is holdout={config['holdout']})")
+    _, _, pairs = split_examples(tasks, "fit", config["grid"], config["max_tasks"])
+    if 0 < n < len(pairs):
+        pairs = [pairs[i] for i in np.linspace(0, len(pairs) - 1, n).round().astype(int)]
+    return pairs
 
 
 def evaluate(model, config, opts, out_dir):
     """pass@2 of a rebuilt train_arc network over every held-out test pair of the checkpoint's data, in plain and/or
-    vote mode, and a PNG gallery (input, target, both attempts) per mode. -> (result dict, [(path, what it holds)])."""
+    vote mode, with the ladder below it (size accuracy, cell accuracy where the size is right, beside the all-black
+    and copy-the-input baselines), a PNG gallery (input, target, both attempts) per mode; with fit_pairs, the same
+    on test pairs of the training tasks, seen in training (keys prefixed fit_). -> (result dict, [(path, what)])."""
     check_eval_options(opts)
     dev = next(model.parameters()).device
     data = opts["data"] or config["data"]
-    task_ids, _, held_pairs = split_examples(load_tasks(data), config["holdout"], config["grid"], config["max_tasks"])
+    tasks = load_tasks(data)
+    task_ids, _, held_pairs = split_examples(tasks, config["holdout"], config["grid"], config["max_tasks"])
     if task_ids != config["task_ids"]:
         common.die(f"data={data!r} does not give the tasks this checkpoint was trained on")
     held_pairs = held_pairs[: opts["max_pairs"]] if opts["max_pairs"] > 0 else held_pairs
-    held = {k: v.to(dev) for k, v in to_tensors(held_pairs, config["grid"]).items()}
-    ids, targets = [task_ids[p[0]] for p in held_pairs], [p[2] for p in held_pairs]
-    result = {"data": data, "holdout": config["holdout"], "n_tasks": len(set(ids)), "n_pairs": len(ids)}
+    sets = [("", held_pairs)]
+    if opts["fit_pairs"]:
+        sets.append(("fit_", fit_pairs(tasks, config, opts["fit_pairs"])))
     steps, n_aug = opts["steps"], opts["n_aug"]
-    result.update(steps=steps, n_aug=n_aug, per_task={})
+    result = {"data": data, "holdout": config["holdout"], "steps": steps, "n_aug": n_aug}
     files, t0 = [], time.time()
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-    for m in ["plain", "vote"] if opts["mode"] == "both" else [opts["mode"]]:
-        with autocast:
-            attempts = solve(model, held, m, steps, opts["batch"], config["t_steps"], config["keep_floor"], n_aug, True)
-        result[f"pass2_{m}"], per_task = score_pass2(attempts, targets, ids)
-        result[f"pass1_{m}"] = score_pass2([a[:1] for a in attempts], targets, ids)[0]
-        result[f"size_acc_{m}"] = float(np.mean([a[0].shape == t.shape for a, t in zip(attempts, targets)]))
-        for tid, s in per_task.items():
-            result["per_task"].setdefault(tid, {})[m] = s
-        rows = [[p[1], p[2], *a] for p, a in list(zip(held_pairs, attempts))[: opts["gallery"]]]
-        if rows:
-            path = os.path.join(out_dir, f"gallery_{m}.png")
-            plot_rows(rows, path, ["input", "target", "attempt 1", "attempt 2"])
-            files.append((path, f"{len(rows)} test pairs, {m} mode: input, target, attempt 1, attempt 2"))
+    for prefix, pairs in sets:
+        held = {k: v.to(dev) for k, v in to_tensors(pairs, config["grid"]).items()}
+        ids, targets = [task_ids[p[0]] for p in pairs], [p[2] for p in pairs]
+        result.update({f"{prefix}n_tasks": len(set(ids)), f"{prefix}n_pairs": len(ids), f"{prefix}per_task": {}})
+        for m in ["plain", "vote"] if opts["mode"] == "both" else [opts["mode"]]:
+            with autocast:
+                attempts = solve(
+                    model, held, m, steps, opts["batch"], config["t_steps"], config["keep_floor"], n_aug, True
+                )
+            result[f"{prefix}pass2_{m}"], per_task = score_pass2(attempts, targets, ids)
+            result[f"{prefix}pass1_{m}"] = score_pass2([a[:1] for a in attempts], targets, ids)[0]
+            result[f"{prefix}solved_{m}"] = sum(
+                any(a.shape == t.shape and np.array_equal(a, t) for a in tries[:2])
+                for tries, t in zip(attempts, targets)
+            )
+            result.update({f"{prefix}{k}_{m}": v for k, v in ladder(attempts, pairs).items()})
+            for tid, score in per_task.items():
+                result[f"{prefix}per_task"].setdefault(tid, {})[m] = score
+            rows = [[p[1], p[2], *a] for p, a in list(zip(pairs, attempts))[: opts["gallery"]]]
+            if rows:
+                path = os.path.join(out_dir, f"{prefix}gallery_{m}.png")
+                plot_rows(rows, path, ["input", "target", "attempt 1", "attempt 2"])
+                what = "test pairs of training tasks (seen)" if prefix else "test pairs"
+                files.append((path, f"{len(rows)} {what}, {m} mode: input, target, attempt 1, attempt 2"))
     result["time_s"] = round(time.time() - t0, 1)
     return result, files
 

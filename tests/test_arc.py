@@ -142,20 +142,6 @@ def _real_cond(n, grid=10, seed=0):
     return len(task_ids), cond, torch.where(out == ta._PAD, ta._PAD, noisy.long()), size
 
 
-class Masked(torch.nn.Module):
-    """An ArcDenoiser whose forward is the masked full-sequence attention (no split, no cache)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, t, cond=None, return_size=False):
-        return self.net.forward_masked(x, t, cond, return_size)
-
-    def predict_size(self, cond):
-        return self.net.predict_size(cond)
-
-
 def test_split_attention_equals_the_masked_full_attention():
     """forward (prefix on its own, then the suffix against its keys and values) against forward_masked (one attention
     over the whole sequence with the mask hiding the suffix from the prefix): same logits, size logits and gradients
@@ -195,8 +181,36 @@ def test_cached_prefix_gives_the_same_logits_and_samples():
         logits = cached
     seeds = [3, 4, 5, 6, 7]
     fast = ta.sample_grids(m, cond, size, seeds, 8, 128, 0.02)
-    slow = ta.sample_grids(Masked(m), cond, size, seeds, 8, 128, 0.02, use_cache=False)
+    slow = ta.sample_grids(models.MaskedArc(m), cond, size, seeds, 8, 128, 0.02, use_cache=False)
     assert torch.equal(fast, slow)
+
+
+def test_ladder_counts_cells_where_the_size_is_right():
+    a = lambda rows: np.array(rows, dtype=np.uint8)  # noqa: E731
+    pairs = [
+        (0, a([[1, 2], [3, 4]]), a([[1, 2], [3, 0]])),
+        (0, a([[5]]), a([[0, 5], [5, 0]])),
+        (1, a([[7, 7, 7]]), a([[7], [0]])),
+    ]
+    attempts = [[a([[1, 2], [0, 0]])] * 2, [a([[5]])] * 2, [a([[7], [7]])] * 2]
+    r = ta.ladder(attempts, pairs)
+    assert r["size_right"] == 2 and r["size_acc"] == pytest.approx(2 / 3) and r["cells"] == 6
+    assert r["cell_acc"] == pytest.approx(4 / 6)  # 3 of 4, then 1 of 2
+    assert r["cell_acc_black"] == pytest.approx(2 / 6)
+    assert r["cell_acc_copy"] == pytest.approx(5 / 6)  # the input cropped to the target, 0 where it does not reach
+
+
+def test_fit_pairs_are_training_test_pairs_and_need_a_holdout_eval_run():
+    tasks = ta.load_tasks("arc1")
+    config = {"holdout": "eval", "grid": 10, "max_tasks": -1}
+    task_ids, train, _ = ta.split_examples(tasks, "eval", 10, -1)
+    pairs = ta.fit_pairs(tasks, config, 20)
+    assert len(pairs) == 20
+    seen = {(t, i.tobytes(), o.tobytes()) for t, i, o in train}
+    assert all((t, i.tobytes(), o.tobytes()) in seen for t, i, o in pairs)  # same task index, trained on
+    assert all(task_ids[t] in tasks["train"] for t, _, _ in pairs)
+    with pytest.raises(SystemExit, match="needs a holdout=eval run"):
+        ta.fit_pairs(tasks, {**config, "holdout": "train"}, 5)
 
 
 def write_official(folder, train, evaluation):
