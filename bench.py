@@ -2,6 +2,7 @@
 
     python bench.py samplers     # distribution error against NFE for every sampler (2D Gaussian mixture)
     python bench.py arc          # ARC training examples/s and peak memory per preset
+    python bench.py arc_cpu      # the CPU-scale ARC benchmark: train two seeds (about 30 min each), score the ladder
     python bench.py models       # image backbones: train / sample samples/s and peak memory
     python bench.py scaling      # HDiT, LocalMamba and DiT step time and memory against the number of tokens
     python bench.py mri          # brain-MRI UNet 2D / 3D beside MONAI; 3D checkpointing and s2d / wavelet memory
@@ -489,6 +490,137 @@ def bench_arc(argv):
             flush=True,
         )
     write_result(path, {"batch": batch, "sample_batch": sample_batch, "device": device, **opts, "rows": rows})
+
+
+ARC_CPU = {  # key=value overrides of `python bench.py arc_cpu`
+    "SEEDS": (0, 1),  # one training run per seed, each on one core (OMP_NUM_THREADS=1)
+    "STEPS": 4000,  # the fixed budget: optimizer updates of the benchmark recipe (about 30 min on one core)
+    "TRAIN": "",  # extra train_arc.py overrides for an ablation, e.g. "self_cond_prob=0.8 lr=2e-3"
+    "EVAL": "",  # extra evaluate.py overrides, e.g. "steps=64"
+    "FIT_PAIRS": 88,  # training tasks' test pairs scored as the "fit" rung (seen in training; as many as held out)
+    "PARALLEL": 2,  # processes at once (the cores)
+    "OUT_DIR": "runs/arc_cpu_bench",  # one run folder per seed, and bench_arc_cpu.json
+}
+# The CPU benchmark's recipe: the real one (every pair of the training tasks and the evaluation tasks' demonstrations,
+# the 72 augmentations, the exact reverse kernel, 32 sampling steps) on the ARC-AGI-1 tasks whose every grid fits
+# 10x10 (178 training + 77 evaluation tasks, 1067 training pairs, 88 held-out test pairs), at the micro preset.
+ARC_CPU_RECIPE = tuple(
+    "size=micro grid=10 holdout=eval batch_size=32 lr=1e-3 warmup_steps=200 dropout=0.0 ema_start=0.9 "
+    "ema_decay=0.999 mixed_precision=no log_every=100 eval_every=1000 eval_pairs=16 ckpt_every=1000 resume=auto".split()
+)
+ARC_CPU_COUNTS = {"size_acc_plain": "size_right_plain", "pass2_plain": "solved_plain", "pass2_vote": "solved_vote"}
+ARC_CPU_LADDER = (  # (result key, label), each reported per seed, as a mean and as pairs solved or counted
+    ("size_acc_plain", "size right (plain attempt 1)"),
+    ("cell_acc_plain", "cells right where the size is right"),
+    ("cell_acc_black_plain", "  baseline: all black"),
+    ("cell_acc_copy_plain", "  baseline: copy the input"),
+    ("pass2_plain", "pass@2 plain"),
+    ("pass2_vote", "pass@2 vote"),
+)
+
+
+def _run_all(commands, parallel, what):
+    """Run the commands (argument lists, one log file each) `parallel` at a time; stop on the first failure."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            args, log = pending.pop(0)
+            running.append((subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(2)
+        for proc, log in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, log))
+                common.check(proc.returncode == 0, f"{what} failed (exit {proc.returncode}); see {log}")
+
+
+def bench_arc_cpu(argv):
+    """The CPU-scale ARC benchmark: train_arc.py with the benchmark recipe (ARC_CPU_RECIPE: ARC-AGI-1 tasks that fit
+    10x10, the micro preset, STEPS updates) once per seed, PARALLEL processes at a time, then evaluate.py on each
+    (plain and 72-augmentation voting, on the 88 held-out evaluation test pairs and on FIT_PAIRS training tasks' test
+    pairs seen in training), and the ladder: size accuracy, cell accuracy of sampled grids whose size is right
+    beside the all-black and copy-the-input baselines, pass@2 plain and with voting, each per seed with the pairs
+    solved, and the mean. A finished run folder is evaluated again, not retrained (resume=auto)."""
+    cfg = common.apply_overrides(dict(ARC_CPU, __doc__=bench_arc_cpu.__doc__), argv)
+    seeds = cfg["seeds"]
+    common.check(
+        len(seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in seeds), f"seeds={seeds}: give seeds >= 0"
+    )
+    common.check(cfg["steps"] > 0, f"steps={cfg['steps']}: give a positive number of updates")
+    common.check(cfg["parallel"] > 0, f"parallel={cfg['parallel']}: give a positive number of processes")
+    common.check(cfg["fit_pairs"] >= 0, f"fit_pairs={cfg['fit_pairs']}: give a number of pairs >= 0")
+    for extra, key in ((cfg["train"], "train"), (cfg["eval"], "eval")):
+        bad = [a for a in extra.split() if "=" not in a]
+        common.check(not bad, f"{key}={extra!r}: give key=value overrides separated by spaces")
+    path = result_path(cfg["out_dir"], "arc_cpu")
+    runs = {s: os.path.join(cfg["out_dir"], f"seed{s}") for s in seeds}
+    for run in runs.values():
+        os.makedirs(run, exist_ok=True)
+    recipe = dict(
+        a.split("=", 1) for a in ARC_CPU_RECIPE + (f"max_steps={cfg['steps']}",) + tuple(cfg["train"].split())
+    )
+    train = [
+        (
+            [sys.executable, "train_arc.py", *(f"{k}={v}" for k, v in {**recipe, "seed": s, "out_dir": run}.items())],
+            os.path.join(run, "train.log"),
+        )
+        for s, run in runs.items()
+    ]
+    recipe_line = " ".join(f"{k}={v}" for k, v in recipe.items())
+    print(f"arc_cpu: training {len(seeds)} seed(s), {cfg['parallel']} at a time: {recipe_line}", flush=True)
+    t0 = time.time()
+    _run_all(train, cfg["parallel"], "training")
+    train_min = (time.time() - t0) / 60 * cfg["parallel"] / len(seeds)  # per run, as if each had its core
+    evals = [
+        (
+            [sys.executable, "evaluate.py", run, "mode=both", f"fit_pairs={cfg['fit_pairs']}", *cfg["eval"].split()],
+            os.path.join(run, "eval.log"),
+        )
+        for run in runs.values()
+    ]
+    print(f"arc_cpu: trained in {train_min:.0f} min per run; evaluating", flush=True)
+    t1 = time.time()
+    _run_all(evals, cfg["parallel"], "evaluation")
+    eval_min = (time.time() - t1) / 60 * cfg["parallel"] / len(seeds)
+    results = {s: json.load(open(os.path.join(common.resolve_checkpoint(run), "eval.json"))) for s, run in runs.items()}
+    table = arc_cpu_table(results)
+    for line in table["lines"]:
+        print(line)
+    write_result(
+        path,
+        {
+            **cfg,
+            "recipe": recipe_line,
+            "train_min_per_run": train_min,
+            "eval_min_per_run": eval_min,
+            "seeds_results": {str(s): r for s, r in results.items()},
+            "mean": table["mean"],
+        },
+    )
+
+
+def arc_cpu_table(results):
+    """The ladder per seed and its mean: fractions, with pairs solved for pass@2 and the cells counted for cell
+    accuracy; held-out and fit (seen) sets side by side."""
+    mean, lines = {}, []
+    sets = [("", "held-out")] + ([("fit_", "fit (seen)")] if all("fit_n_pairs" in r for r in results.values()) else [])
+    for prefix, name in sets:
+        n = next(iter(results.values()))[f"{prefix}n_pairs"]
+        lines.append(f"{name} ({n} test pairs): " + ", ".join(f"seed {s}" for s in results) + ", mean")
+        for key, label in ARC_CPU_LADDER:
+            k = prefix + key
+            values = [r[k] for r in results.values()]
+            mean[k] = sum(values) / len(values)
+            count = ARC_CPU_COUNTS.get(key)
+            counts = [f" ({r[prefix + count]})" if count else "" for r in results.values()]
+            lines.append(
+                f"  {label:<38}"
+                + "".join(f"{100 * v:>7.1f}%{c:<5}" for v, c in zip(values, counts))
+                + f"{100 * mean[k]:>7.1f}%"
+            )
+    return {"mean": mean, "lines": lines}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1145,6 +1277,7 @@ def bench_vae(argv):
 BENCHES = {  # name -> (function(argv), its options, the name of that dict in this file)
     "samplers": (bench_samplers, SAMPLER_BENCH, "SAMPLER_BENCH"),
     "arc": (bench_arc, ARC_BENCH, "ARC_BENCH"),
+    "arc_cpu": (bench_arc_cpu, ARC_CPU, "ARC_CPU"),
     "models": (bench_models, MODEL_BENCH, "MODEL_BENCH"),
     "scaling": (bench_scaling, SCALING_BENCH, "SCALING_BENCH"),
     "mri": (bench_mri, MRI_BENCH, "MRI_BENCH"),

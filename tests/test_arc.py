@@ -341,3 +341,17 @@ def test_seed_makes_fresh_runs_bitwise_equal(tmp_path):
         found[name] = load_file(os.path.join(out, "step_0000002", "model.safetensors"))
     assert all(torch.equal(found["a"][k], found["b"][k]) for k in found["a"])
     assert sum(not torch.equal(found["a"][k], found["c"][k]) for k in found["a"]) > len(found["a"]) // 2
+
+
+@pytest.mark.slow
+def test_bench_arc_cpu_runs_small(tmp_path):
+    """bench.py arc_cpu end to end at a tiny size: two seeds trained side by side, evaluated, the ladder written."""
+    args = ["bench.py", "arc_cpu", "steps=3", "seeds=0,1", "fit_pairs=2", f"out_dir={tmp_path}"]
+    r = run([*args, "eval=n_aug=2 steps=2 max_pairs=3", "train=size=tiny eval_every=-1"])
+    result = json.load(open(tmp_path / "bench_arc_cpu.json"))
+    assert set(result["seeds_results"]) == {"0", "1"} and "size=tiny" in result["recipe"]
+    for seed in result["seeds_results"].values():
+        assert seed["n_pairs"] == 3 and seed["fit_n_pairs"] == 2 and seed["n_aug"] == 2
+    assert "pass@2 vote" in r.stdout and "fit (seen)" in r.stdout
+    bad = run(["bench.py", "arc_cpu", "train=size", f"out_dir={tmp_path}"], check=False)
+    assert bad.returncode == 1 and "give key=value overrides" in bad.stderr and "Traceback" not in bad.stderr
