@@ -505,6 +505,18 @@ def d3pm_uniform_reverse(x_t, p_x0, keep_t, keep_s):
     return likelihood * (keep_s * w + (1 - keep_s) / K * w.sum(-1, keepdim=True))
 
 
+def d3pm_uniform_reverse_austin(x_t, p_x0, keep_t, keep_s):
+    """The reverse step of Austin et al. 2021 (arXiv:2107.03006) eq. 4 as written: sum_x0 q(x_s, x_t | x0) p(x0 | x_t),
+    normalised over x_s, i.e. p(x_s = j | x_t) proportional to L_j (keep_s p_j + (1 - keep_s) / K) with L_j as in
+    d3pm_uniform_reverse. Kept for the ablation against the exact kernel: for a posterior-trained network it weighs
+    each x0 by q(x_t | x0) once more, so uncertain cells cling to their noisy class."""
+    K = p_x0.shape[-1]
+    onehot = torch.nn.functional.one_hot(x_t, K).to(p_x0.dtype)
+    a_ts = keep_t / keep_s
+    q = (a_ts * onehot + (1 - a_ts) / K) * (keep_s * p_x0 + (1 - keep_s) / K)
+    return q / q.sum(-1, keepdim=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Samplers: sampler(denoise, x, ts, schedule, generator, **options) -> x at ts[-1]
 # denoise(x, t) -> (x0_hat, eps_hat), t a (B,) tensor; ts a decreasing grid from t_max to t_min (see time_grid).

@@ -312,14 +312,22 @@ def per_sample_generators(seeds, device):
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
+KERNELS = {"exact": common.d3pm_uniform_reverse, "austin": common.d3pm_uniform_reverse_austin}
+
+
 @torch.no_grad()
-def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None, use_cache=True):
+def sample_grids(
+    model, cond, size, seeds, steps, t_steps, floor, callback=None, use_cache=True, kernel="exact", argmax_steps=1
+):
     """Reverse D3PM-uniform process from uniform random colours inside `size` (B, 2) over `steps` levels
     round(linspace(T - 1, 0, steps)); each step draws x_s from the exact p(x_s | x_t) = sum_x0 q(x_s | x_t, x0)
     p(x0 | x_t) for the network's posterior p(x0 | x_t) (common.d3pm_uniform_reverse), self-conditioned on the
     previous logits; the last step takes the argmax. Sample b draws its noise from its own generator seeded
     seeds[b]. The input prefix's keys and values are computed once (model.encode_prefix) and reused at every step;
-    use_cache=False recomputes them each step (the same logits, slower). -> (B, G, G) long, _PAD outside `size`."""
+    use_cache=False recomputes them each step (the same logits, slower). kernel: "exact" (d3pm_uniform_reverse) or
+    "austin" (the kernel of Austin et al. eq. 4 as written, for the ablation); argmax_steps: the last this many steps
+    take the most likely class instead of a draw (1: only the final step, which returns the argmax of p(x0 | x_t);
+    `steps`: deterministic). -> (B, G, G) long, _PAD outside `size`."""
     B, G, dev = size.shape[0], cond["inp"].shape[-1], size.device
     gens = per_sample_generators(seeds, dev)
     i, j = torch.arange(G, device=dev).view(1, G, 1), torch.arange(G, device=dev).view(1, 1, G)
@@ -337,10 +345,11 @@ def sample_grids(model, cond, size, seeds, steps, t_steps, floor, callback=None,
             x = torch.where(mask, logits.argmax(-1), _PAD)
             break
         keep_t, keep_s = (float(common.d3pm_keep_prob(ts[k + n], floor)) for n in (0, 1))
-        q = common.d3pm_uniform_reverse(x.clamp(max=9), logits.softmax(-1).double(), keep_t, keep_s)
-        u = torch.stack([torch.rand((G, G, 1), generator=g, device=dev) for g in gens])
+        q = KERNELS[kernel](x.clamp(max=9), logits.softmax(-1).double(), keep_t, keep_s)
+        u = torch.stack([torch.rand((G, G, 1), generator=g, device=dev) for g in gens])  # drawn either way
         cdf = q.cumsum(-1)
-        x = torch.where(mask, (cdf < u * cdf[..., -1:]).sum(-1).clamp(max=9), _PAD)
+        new = q.argmax(-1) if k >= steps - argmax_steps else (cdf < u * cdf[..., -1:]).sum(-1).clamp(max=9)
+        x = torch.where(mask, new, _PAD)
         if callback is not None:
             callback(k, x, logits.argmax(-1))
     return x
@@ -351,11 +360,11 @@ def crop(grid, size):
 
 
 @torch.no_grad()
-def solve(model, data, mode, steps, batch, t_steps, floor, n_aug=72, progress=False):
+def solve(model, data, mode, steps, batch, t_steps, floor, n_aug=72, progress=False, **sampler):
     """Two attempts per pair of `data`. plain: identity augmentation, predicted size, two samples (seeds 2p, 2p+1).
     vote: predict the size under n_aug augmentations, de-augment, split the augmentations between the two most
     voted sizes, sample once each (seed p * n_aug + a), de-augment, and the two most frequent distinct grids are
-    the attempts. -> list of [attempt 1, attempt 2] numpy grids."""
+    the attempts. `sampler`: sample_grids' kernel and argmax_steps. -> list of [attempt 1, attempt 2] numpy grids."""
     P, dev = data["task"].shape[0], data["task"].device
     augs = [(0, 0)] if mode == "plain" else [(a // 9, a % 9) for a in range(n_aug)]
     combos = torch.tensor([(p, d, s) for p in range(P) for d, s in augs], device=dev)  # (P * A, 3)
@@ -381,7 +390,7 @@ def solve(model, data, mode, steps, batch, t_steps, floor, n_aug=72, progress=Fa
     chunks = list(zip(jobs.split(batch), seeds.split(batch)))
     for job, seed in common.progress_bar(chunks, desc=f"sampling ({mode})", disable=not progress):
         cond = make_cond(data, job[:, 0], job[:, 1], job[:, 2])
-        x = sample_grids(model, cond, job[:, 3:5], seed.tolist(), steps, t_steps, floor)
+        x = sample_grids(model, cond, job[:, 3:5], seed.tolist(), steps, t_steps, floor, **sampler)
         x, back = augment(x, job[:, 3:5], *invert(job[:, 1], job[:, 2]))
         for b in range(len(job)):
             grids[int(job[b, 0])].append(crop(x[b], back[b]))
@@ -546,6 +555,8 @@ EVAL = {  # `python evaluate.py RUN key=value` options for train_arc checkpoints
     "MAX_PAIRS": -1,  # score only the first N held-out test pairs; -1 all
     "DATA": "",  # "" the checkpoint's data; or arc1 | arc2 | a folder with the official JSON files
     "GALLERY": 8,  # test pairs drawn in gallery_{mode}.png (input, target, both attempts); 0 none
+    "KERNEL": "exact",  # reverse kernel: exact | austin (Austin et al. eq. 4 as written; the ablation)
+    "ARGMAX_STEPS": 1,  # the last N denoising steps take the most likely class instead of a draw (1: the final only)
     "COMPILE": False,  # torch.compile the sampler's denoising step (worth it for the 30,000 samples of a full run)
     "FIT_PAIRS": 0,  # also score this many test pairs of the training tasks, seen in training (holdout=eval runs;
     # evenly spread; -1 all): the "fit" rung of the CPU benchmark's ladder
@@ -565,6 +576,10 @@ def check_eval_options(opts):
         common.die(f"max_pairs={opts['max_pairs']}: give a positive number of test pairs, or -1 for all")
     if opts["gallery"] < 0:
         common.die(f"gallery={opts['gallery']}: give a number of test pairs >= 0")
+    if opts["kernel"] not in KERNELS:
+        common.die(f"kernel={opts['kernel']!r}: choose {' or '.join(KERNELS)}")
+    if not 1 <= opts["argmax_steps"] <= opts["steps"]:
+        common.die(f"argmax_steps={opts['argmax_steps']}: give 1..steps ({opts['steps']})")
     if opts["fit_pairs"] < -1:
         common.die(f"fit_pairs={opts['fit_pairs']}: give a number of pairs >= 0, or -1 for all")
 
@@ -620,7 +635,8 @@ def evaluate(model, config, opts, out_dir):
     if opts["fit_pairs"]:
         sets.append(("fit_", fit_pairs(tasks, config, opts["fit_pairs"])))
     steps, n_aug = opts["steps"], opts["n_aug"]
-    result = {"data": data, "holdout": config["holdout"], "steps": steps, "n_aug": n_aug}
+    result = {"data": data, "holdout": config["holdout"], "steps": steps, "n_aug": n_aug, "kernel": opts["kernel"]}
+    result["argmax_steps"] = opts["argmax_steps"]
     files, t0 = [], time.time()
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     if dev.type == "cuda":
@@ -633,7 +649,17 @@ def evaluate(model, config, opts, out_dir):
         for m in ["plain", "vote"] if opts["mode"] == "both" else [opts["mode"]]:
             with autocast:
                 attempts = solve(
-                    model, held, m, steps, opts["batch"], config["t_steps"], config["keep_floor"], n_aug, True
+                    model,
+                    held,
+                    m,
+                    steps,
+                    opts["batch"],
+                    config["t_steps"],
+                    config["keep_floor"],
+                    n_aug,
+                    True,
+                    kernel=opts["kernel"],
+                    argmax_steps=opts["argmax_steps"],
                 )
             result[f"{prefix}pass2_{m}"], per_task = score_pass2(attempts, targets, ids)
             result[f"{prefix}pass1_{m}"] = score_pass2([a[:1] for a in attempts], targets, ids)[0]

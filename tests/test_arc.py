@@ -213,6 +213,27 @@ def test_fit_pairs_are_training_test_pairs_and_need_a_holdout_eval_run():
         ta.fit_pairs(tasks, {**config, "holdout": "train"}, 5)
 
 
+def test_sampler_options_argmax_and_kernel():
+    """argmax_steps = 1 is the default sampler (a draw at every step but the last); more argmax steps and the austin
+    kernel change the samples; bad evaluation options are one-line errors."""
+    torch.manual_seed(0)
+    m = models.make_model("arc", "tiny", n_tasks=2, grid=6).eval()
+    inp = torch.full((2, 6, 6), ta._PAD)
+    inp[:, :3, :3] = 2
+    cond = {"task": torch.tensor([0, 1]), "inp": inp, "d4": torch.zeros(2, dtype=torch.long)}
+    cond["shift"] = cond["d4"]
+    size = torch.tensor([[3, 3], [5, 6]])
+    a = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, argmax_steps=3)
+    exact = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02)
+    assert torch.equal(exact, ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, argmax_steps=1))
+    austin = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, kernel="austin")
+    assert not torch.equal(exact, austin) and not torch.equal(exact, a)
+    opts = {**{k.lower(): v for k, v in ta.EVAL.items()}}
+    for bad, msg in (({"kernel": "d3pm"}, "kernel='d3pm'"), ({"argmax_steps": 0}, "argmax_steps=0")):
+        with pytest.raises(SystemExit, match=msg):
+            ta.check_eval_options({**opts, **bad})
+
+
 def write_official(folder, train, evaluation):
     os.makedirs(folder, exist_ok=True)
     for stem, tasks in [("arc-agi_training", train), ("arc-agi_evaluation", evaluation)]:

@@ -569,10 +569,21 @@ def test_d3pm_reverse_chain_returns_the_prior():
         keep_t, keep_s = float(keep[k]), float(keep[k + 1])
         q_t0 = _uniform_step(keep_t, K)
         posterior = pi * q_t0.T / (pi * q_t0.T).sum(-1, keepdim=True)
-        a_ts = keep_t / keep_s
-        eq4 = (a_ts * torch.eye(K, dtype=torch.float64) + (1 - a_ts) / K) * (keep_s * posterior + (1 - keep_s) / K)
-        dist = dist @ (eq4 / eq4.sum(-1, keepdim=True))
+        dist = dist @ common.d3pm_uniform_reverse_austin(torch.arange(K), posterior, keep_t, keep_s)
     assert (dist - pi).abs().max() > 0.02
+
+
+def test_d3pm_austin_kernel_is_their_eq4_summed_over_x0():
+    """d3pm_uniform_reverse_austin against the brute-force sum over x0 of q(x_s | x0) q(x_t | x_s) p(x0 | x_t),
+    normalised over x_s (Austin et al. 2021 eq. 4), for every x_t and an arbitrary posterior."""
+    K, keep_t, keep_s = 5, 0.3, 0.7
+    g = torch.Generator().manual_seed(0)
+    q_s0, q_ts = _uniform_step(keep_s, K), _uniform_step(keep_t / keep_s, K)
+    for x_t in range(K):
+        posterior = torch.rand(K, generator=g, dtype=torch.float64).softmax(-1)
+        brute = sum(posterior[k] * q_s0[k] * q_ts[:, x_t] for k in range(K))
+        step = common.d3pm_uniform_reverse_austin(torch.tensor(x_t), posterior, keep_t, keep_s)
+        torch.testing.assert_close(step, brute / brute.sum())
 
 
 def test_d3pm_reverse_samples_match_in_a_monte_carlo_chain():
