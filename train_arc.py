@@ -360,11 +360,12 @@ def crop(grid, size):
 
 
 @torch.no_grad()
-def solve(model, data, mode, steps, batch, t_steps, floor, n_aug=72, progress=False, **sampler):
+def solve(model, data, mode, steps, batch, t_steps, floor, n_aug=72, progress=False, return_samples=False, **sampler):
     """Two attempts per pair of `data`. plain: identity augmentation, predicted size, two samples (seeds 2p, 2p+1).
     vote: predict the size under n_aug augmentations, de-augment, split the augmentations between the two most
     voted sizes, sample once each (seed p * n_aug + a), de-augment, and the two most frequent distinct grids are
-    the attempts. `sampler`: sample_grids' kernel and argmax_steps. -> list of [attempt 1, attempt 2] numpy grids."""
+    the attempts. `sampler`: sample_grids' kernel and argmax_steps. -> list of [attempt 1, attempt 2] numpy grids
+    (with return_samples, also every pair's de-augmented samples, the candidates select_by_likelihood ranks)."""
     P, dev = data["task"].shape[0], data["task"].device
     augs = [(0, 0)] if mode == "plain" else [(a // 9, a % 9) for a in range(n_aug)]
     combos = torch.tensor([(p, d, s) for p in range(P) for d, s in augs], device=dev)  # (P * A, 3)
@@ -395,13 +396,70 @@ def solve(model, data, mode, steps, batch, t_steps, floor, n_aug=72, progress=Fa
         for b in range(len(job)):
             grids[int(job[b, 0])].append(crop(x[b], back[b]))
     if mode == "plain":
-        return grids
+        return (grids, grids) if return_samples else grids
     attempts = []
     for g in grids:
         counts = Counter((a.shape, a.tobytes()) for a in g).most_common(2)
         pick = [next(a for a in g if (a.shape, a.tobytes()) == key) for key, _ in counts]
         attempts.append(pick + pick[:1] if len(pick) == 1 else pick)
+    return (attempts, grids) if return_samples else attempts
+
+
+LL_LEVELS = (0.25, 0.5, 0.75)  # noise levels at which select_by_likelihood reads the model's posterior
+
+
+def ll_views(n):
+    """The first n of the 8 D4 elements, each with its own colour shift (2 d4 mod 9): the views whose likelihoods
+    select_by_likelihood multiplies."""
+    return [(d, (2 * d) % 9) for d in range(n)]
+
+
+@torch.no_grad()
+def log_likelihood(model, data, p, grids, views, levels, t_steps, floor, generator, batch=256):
+    """A likelihood score per grid (numpy, original frame) as the output of pair p of `data`: the sum over views
+    (d4, shift) and levels t of sum_cells log p(x0 = grid | x_t) for one draw x_t ~ q(x_t | grid) each (the model's
+    denoising log-likelihood, the negative of its training loss); a sum over views is a product of experts.
+    -> (len(grids),) float64."""
+    dev, G = data["task"].device, data["inp"].shape[-1]
+    jobs = [(g, d4, shift, t) for g in range(len(grids)) for d4, shift in views for t in levels]
+    scores = torch.zeros(len(grids), dtype=torch.float64)
+    for chunk in [jobs[i : i + batch] for i in range(0, len(jobs), batch)]:
+        g_idx = torch.tensor([j[0] for j in chunk])
+        d4, shift = (torch.tensor([j[k] for j in chunk], device=dev) for k in (1, 2))
+        t = torch.tensor([round(j[3] * t_steps) / t_steps for j in chunk], device=dev)
+        x0 = torch.full((len(chunk), G, G), _PAD, dtype=torch.long, device=dev)
+        for b, j in enumerate(chunk):
+            h, w = grids[j[0]].shape
+            x0[b, :h, :w] = torch.from_numpy(grids[j[0]].astype(np.int64))
+        size = torch.tensor([grids[j[0]].shape for j in chunk], device=dev)
+        x0, _ = augment(x0, size, d4, shift)
+        valid = x0 != _PAD
+        x_t = common.d3pm_uniform_noise(x0, common.d3pm_keep_prob(t, floor), 10, generator=generator)
+        cond = make_cond(data, torch.full_like(d4, p), d4, shift)
+        logits = model(torch.where(valid, x_t, _PAD), common.d3pm_log_snr(t, floor), {**cond, "self_cond": None})
+        lp = logits.float().log_softmax(-1).gather(-1, x0.clamp(max=9)[..., None])[..., 0]
+        scores.index_add_(0, g_idx, (lp * valid).sum((1, 2)).double().cpu())
+    return scores
+
+
+def select_by_likelihood(model, data, samples, views, t_steps, floor, batch=256):
+    """The two attempts per pair: of its distinct sampled grids, the two with the highest log_likelihood (a
+    product of experts over `views`), instead of the two most frequent. -> list of [attempt 1, attempt 2]."""
+    attempts = []
+    for p, grids in enumerate(samples):
+        distinct = list({(a.shape, a.tobytes()): a for a in grids}.values())
+        gen = torch.Generator(device=data["task"].device).manual_seed(p)
+        scores = log_likelihood(model, data, p, distinct, views, LL_LEVELS, t_steps, floor, gen, batch)
+        pick = [distinct[i] for i in scores.argsort(descending=True)[:2].tolist()]
+        attempts.append(pick + pick[:1] if len(pick) == 1 else pick)
     return attempts
+
+
+def count_solved(attempts, targets):
+    """Test pairs whose target either of the first two attempts equals."""
+    return sum(
+        any(a.shape == t.shape and np.array_equal(a, t) for a in tries[:2]) for tries, t in zip(attempts, targets)
+    )
 
 
 def score_pass2(attempts, targets, task_ids):
@@ -557,6 +615,8 @@ EVAL = {  # `python evaluate.py RUN key=value` options for train_arc checkpoints
     "GALLERY": 8,  # test pairs drawn in gallery_{mode}.png (input, target, both attempts); 0 none
     "KERNEL": "exact",  # reverse kernel: exact | austin (Austin et al. eq. 4 as written; the ablation)
     "ARGMAX_STEPS": 1,  # the last N denoising steps take the most likely class instead of a draw (1: the final only)
+    "LL_VIEWS": 0,  # vote mode: also pick the two attempts by the model's likelihood over this many views (1..8;
+    # a product of experts, select_by_likelihood) from the same samples, scored as pass2_vote_ll; 0 off
     "COMPILE": False,  # torch.compile the sampler's denoising step (worth it for the 30,000 samples of a full run)
     "FIT_PAIRS": 0,  # also score this many test pairs of the training tasks, seen in training (holdout=eval runs;
     # evenly spread; -1 all): the "fit" rung of the CPU benchmark's ladder
@@ -580,6 +640,8 @@ def check_eval_options(opts):
         common.die(f"kernel={opts['kernel']!r}: choose {' or '.join(KERNELS)}")
     if not 1 <= opts["argmax_steps"] <= opts["steps"]:
         common.die(f"argmax_steps={opts['argmax_steps']}: give 1..steps ({opts['steps']})")
+    if not 0 <= opts["ll_views"] <= 8:
+        common.die(f"ll_views={opts['ll_views']}: give 0..8 (D4 elements, each with a colour shift)")
     if opts["fit_pairs"] < -1:
         common.die(f"fit_pairs={opts['fit_pairs']}: give a number of pairs >= 0, or -1 for all")
 
@@ -648,7 +710,7 @@ def evaluate(model, config, opts, out_dir):
         result.update({f"{prefix}n_tasks": len(set(ids)), f"{prefix}n_pairs": len(ids), f"{prefix}per_task": {}})
         for m in ["plain", "vote"] if opts["mode"] == "both" else [opts["mode"]]:
             with autocast:
-                attempts = solve(
+                attempts, samples = solve(
                     model,
                     held,
                     m,
@@ -660,13 +722,18 @@ def evaluate(model, config, opts, out_dir):
                     True,
                     kernel=opts["kernel"],
                     argmax_steps=opts["argmax_steps"],
+                    return_samples=True,
                 )
+                if m == "vote" and opts["ll_views"]:
+                    views, batch = ll_views(opts["ll_views"]), opts["batch"]
+                    by_ll = select_by_likelihood(
+                        model, held, samples, views, config["t_steps"], config["keep_floor"], batch
+                    )
+                    result[f"{prefix}pass2_vote_ll"] = score_pass2(by_ll, targets, ids)[0]
+                    result[f"{prefix}solved_vote_ll"] = count_solved(by_ll, targets)
             result[f"{prefix}pass2_{m}"], per_task = score_pass2(attempts, targets, ids)
             result[f"{prefix}pass1_{m}"] = score_pass2([a[:1] for a in attempts], targets, ids)[0]
-            result[f"{prefix}solved_{m}"] = sum(
-                any(a.shape == t.shape and np.array_equal(a, t) for a in tries[:2])
-                for tries, t in zip(attempts, targets)
-            )
+            result[f"{prefix}solved_{m}"] = count_solved(attempts, targets)
             result.update({f"{prefix}{k}_{m}": v for k, v in ladder(attempts, pairs).items()})
             for tid, score in per_task.items():
                 result[f"{prefix}per_task"].setdefault(tid, {})[m] = score

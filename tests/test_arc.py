@@ -234,6 +234,36 @@ def test_sampler_options_argmax_and_kernel():
             ta.check_eval_options({**opts, **bad})
 
 
+def test_likelihood_score_matches_a_brute_force_sum_on_a_tiny_grid():
+    """log_likelihood draws one x_t per (view, level); averaged over many draws it must equal the exact expectation
+    sum over all 100 states x_t of a 1x2 grid of q(x_t | grid) sum_cells log p(grid | x_t), computed by enumeration.
+    Two views sum (a product of experts); the scores rank grids (a different grid scores differently)."""
+    torch.manual_seed(0)
+    m = models.make_model("arc", "tiny", n_tasks=1, grid=3).eval()
+    inp = torch.full((1, 3, 3), ta._PAD)
+    inp[0, :2, :2] = torch.tensor([[1, 2], [3, 4]])
+    data = {"task": torch.tensor([0]), "inp": inp, "in_size": torch.tensor([[2, 2]])}
+    grid, t, floor = np.array([[5, 0]], dtype=np.uint8), 0.5, 0.02
+    keep = float(ta.common.d3pm_keep_prob(torch.tensor(t), floor))
+    exact = 0.0
+    cond = ta.make_cond(data, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    for a in range(10):
+        for b in range(10):
+            x_t = torch.full((1, 3, 3), ta._PAD)
+            x_t[0, 0, :2] = torch.tensor([a, b])
+            q = np.prod([keep * (v == c) + (1 - keep) / 10 for v, c in ((a, 5), (b, 0))])
+            with torch.no_grad():
+                logits = m(x_t, ta.common.d3pm_log_snr(torch.tensor([t]), floor), {**cond, "self_cond": None})
+            lp = logits[0].log_softmax(-1)
+            exact += q * float(lp[0, 0, 5] + lp[0, 1, 0])
+    n = 4000
+    gen = torch.Generator().manual_seed(1)
+    mc = ta.log_likelihood(m, data, 0, [grid], [(0, 0)], [t] * n, 128, floor, gen)[0] / n
+    assert float(mc) == pytest.approx(exact, abs=0.05), (float(mc), exact)
+    two = ta.log_likelihood(m, data, 0, [grid, grid.T.copy()], [(0, 0), (4, 3)], [t] * 50, 128, floor, gen)
+    assert two.shape == (2,) and float(two[0]) != float(two[1])
+
+
 def write_official(folder, train, evaluation):
     os.makedirs(folder, exist_ok=True)
     for stem, tasks in [("arc-agi_training", train), ("arc-agi_evaluation", evaluation)]:
