@@ -74,7 +74,7 @@ MIN_SNR_GAMMA: common.bounds("> 0") = 5.0  # soft Min-SNR weight SNR gamma / (SN
 LABEL_DROP: common.bounds("0..1") = 0.1  # probability of training with every condition dropped (CFG)
 GUIDANCE: common.bounds(">= 0") = 2.5  # sampling guidance scale (1 = conditional, no guidance)
 # sampling: UniPC on the log-SNR grid to t = 0.03, 19 steps + the final denoise = 20 NFE. bench.py samplers (flow
-# schedule): at 20 NFE 1.07x the error floor, against 11x for Euler at 20 NFE on the uniform grid (the reference
+# schedule): at 20 NFE 0.96x the error floor, against 10x for Euler at 20 NFE on the uniform grid (the reference
 # used 25 Euler steps); the README's sampler section has the table
 SAMPLER: common.choices(*common.DETERMINISTIC) = "unipc"  # ODE sampler (common.SAMPLERS)
 SAMPLE_STEPS: common.bounds("> 0") = 19  # sampler steps (NFE: common.count_nfe)

@@ -74,8 +74,8 @@ SHIFT_BASE: common.bounds("> 0") = 64  # rflow shift r = side / SHIFT_BASE (nume
 LABEL_DROP: common.bounds("0..1") = 0.1  # probability of training with the condition dropped (CFG)
 GUIDANCE: common.bounds(">= 0") = 1.0  # sampling guidance scale (1 = conditional, no guidance)
 # sampling: UniPC on the log-SNR grid to t = 0.03 (sigma / alpha about 0.03 on both paths), 19 steps + the final
-# denoise = 20 NFE. bench.py samplers: 1.18x (cosine, ddpm) and 1.07x (flow, rflow) the error floor at 20 NFE,
-# against 4.6x / 5.0x for the reference's 50 DDIM / Euler steps on the (unshifted) uniform grid; README: samplers
+# denoise = 20 NFE. bench.py samplers: 1.06x (cosine, ddpm) and 0.96x (flow, rflow) the error floor at 20 NFE,
+# against 4.1x / 4.5x for the reference's 50 DDIM / Euler steps on the (unshifted) uniform grid; README: samplers
 SAMPLER: common.choices(*common.DETERMINISTIC) = "unipc"  # ODE sampler (common.SAMPLERS)
 SAMPLE_STEPS: common.bounds("> 0") = 19  # sampler steps (ddpm, uniform grid to 0: must divide 1000)
 SAMPLE_GRID: common.choices(*common.GRIDS) = "logsnr"  # time grid (common.time_grid; rflow: then shifted by r)
