@@ -224,9 +224,11 @@ def bench_samplers(argv):
     mixture = common.GaussianMixture(**SAMPLER_MIXTURE)
     draw = lambda seed: mixture.sample(n, torch.Generator().manual_seed(seed))  # noqa: E731
     refs = [draw(1000 + r) for r in range(repeats)]
-    k = cfg["floor_draws"]  # the floor: the error of an exact sampler, estimated from many draws (only draws: cheap)
-    floor = sum(mixture.error(draw(2000 + k * r + j), refs[r])["max"] for r in range(repeats) for j in range(k))
-    floor /= repeats * k
+    per_ref = cfg["floor_draws"]  # the floor: an exact sampler's error, estimated from many draws (only draws: cheap)
+    floor = sum(
+        mixture.error(draw(2000 + per_ref * r + j), refs[r])["max"] for r in range(repeats) for j in range(per_ref)
+    )
+    floor /= repeats * per_ref
     noises = [
         torch.randn(n, 2, generator=torch.Generator().manual_seed(3000 + r), dtype=torch.float64)
         for r in range(repeats)
@@ -245,7 +247,7 @@ def bench_samplers(argv):
             rows.append(fitted_row(mixture, schedule, name, cfg, pilot, noises, refs))
     print(
         f"distribution error vs NFE on the synthetic 2D Gaussian mixture: {n} samples, mean of {repeats} (noise, "
-        f"reference draw) pairs; the floor (the mean over {repeats} x {k} pairs of independent draws of the mixture) "
+        f"reference draw) pairs; the floor (the mean over {repeats} x {per_ref} pairs of independent draws of the mixture) "
         f"is {floor:.4f}; an accurate solve (UniPC, 400 steps) scores "
         + ", ".join(f"{e:.4f} ({e / floor:.2f}x) on {kind}" for kind, e in accurate.items())
         + f". uniform: t from 1 "
@@ -273,7 +275,7 @@ def bench_samplers(argv):
         "n": n,
         "repeats": repeats,
         "floor": floor,
-        "floor_draws": k,
+        "floor_draws": per_ref,
         "accurate": accurate,
         "mixture": SAMPLER_MIXTURE,
         "rows": rows,
