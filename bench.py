@@ -499,7 +499,7 @@ ARC_CPU = {  # key=value overrides of `python bench.py arc_cpu`
     "STEPS": 4000,  # the fixed budget: optimizer updates of the benchmark recipe (about 30 min on one core)
     "TRAIN": "",  # extra train_arc.py overrides for an ablation, e.g. "self_cond_prob=0.8 lr=2e-3"
     "EVAL": "",  # extra evaluate.py overrides, e.g. "steps=64"
-    "FIT_PAIRS": 88,  # training tasks' test pairs scored as the "fit" rung (seen in training; as many as held out)
+    "FIT_PAIRS": 32,  # training tasks' test pairs scored as the "fit" rung (seen in training; evenly spread)
     "PARALLEL": 2,  # processes at once (the cores)
     "OUT_DIR": "runs/arc_cpu_bench",  # one run folder per seed, and bench_arc_cpu.json
 }
