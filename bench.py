@@ -496,7 +496,7 @@ def bench_arc(argv):
 
 ARC_CPU = {  # key=value overrides of `python bench.py arc_cpu`
     "SEEDS": (0, 1),  # one training run per seed, each on one core (OMP_NUM_THREADS=1)
-    "STEPS": 4000,  # the fixed budget: optimizer updates of the benchmark recipe (about 30 min on one core)
+    "STEPS": 4000,  # the fixed budget: optimizer updates of the benchmark recipe (about 35 min on one core)
     "TRAIN": "",  # extra train_arc.py overrides for an ablation, e.g. "self_cond_prob=0.8 lr=2e-3"
     "EVAL": "",  # extra evaluate.py overrides, e.g. "steps=64"
     "FIT_PAIRS": 32,  # training tasks' test pairs scored as the "fit" rung (seen in training; evenly spread)
