@@ -139,11 +139,9 @@ def accurate_error(mixture, schedule, noises, refs):
     """The error of an accurate solve of the evaluation noise (UniPC, 400 steps on the logsnr grid from s = 100 to
     1e-3): what 'at the floor' looks like on these draws."""
     denoise = common.make_denoiser(mixture.model(schedule, "v"), schedule, "v")
-    t_min = float(schedule.t_from_log_snr(torch.tensor(-2 * math.log(1e-3), dtype=torch.float64)))
     total = 0.0
     for noise, ref in zip(noises, refs):
-        x = common.sample("unipc", denoise, noise, 400, schedule, grid="logsnr", t_min=t_min, s_max=100.0)
-        total += mixture.error(x, ref)["max"]
+        total += mixture.error(common.accurate_solve(denoise, noise, schedule), ref)["max"]
     return total / len(noises)
 
 

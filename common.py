@@ -872,6 +872,13 @@ def sample(name, denoise, noise, steps, schedule, generator=None, eta=0.0, progr
     return x
 
 
+def accurate_solve(denoise, noise, schedule):
+    """The reference solve of `noise`: UniPC, 400 steps on the logsnr grid from s = 100 to 1e-3 (s = sigma / alpha),
+    then the final denoise; what fit_grid fits to and what bench.py samplers calls 'at the floor'."""
+    t_min = float(schedule.t_from_log_snr(torch.tensor(-2 * math.log(1e-3), dtype=torch.float64)))
+    return sample("unipc", denoise, noise, 400, schedule, grid="logsnr", t_min=t_min, s_max=100.0)
+
+
 def fit_grid(
     name,
     denoise,
@@ -919,8 +926,7 @@ def fit_grid(
 
     to_t = lambda log_s: schedule.t_from_log_snr(torch.as_tensor(-2 * log_s, dtype=torch.float64))  # noqa: E731
     if reference is None:
-        t_ref = float(to_t(math.log(1e-3)))
-        reference = sample("unipc", counted, noise, 400, schedule, grid="logsnr", t_min=t_ref, s_max=100.0)
+        reference = accurate_solve(counted, noise, schedule)
     lo, hi = math.log(1e-3), min(math.log(1e3), -0.5 * float(_floored_log_snr(schedule, torch.tensor(1.0))) - 1e-3)
 
     def grid_of(log_s):

@@ -520,11 +520,6 @@ def _mixture_noise(n, seed):
     return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _accurate(denoise, noise, sch):
-    t_ref = float(sch.t_from_log_snr(torch.tensor(-2 * math.log(1e-3), dtype=torch.float64)))
-    return common.sample("unipc", denoise, noise, 400, sch, grid="logsnr", t_min=t_ref, s_max=100.0)
-
-
 def test_fit_grid_fits_ddpm_on_fixed_random_numbers():
     """ddpm fitted with a distribution-level distance: the same seed gives the same grid (the objective is a
     deterministic function of the grid), and on fresh noise and fresh random numbers the fitted grid's samples are
@@ -536,7 +531,7 @@ def test_fit_grid_fits_ddpm_on_fixed_random_numbers():
     again, _ = common.fit_grid("ddpm", denoise, pilot, steps, sch, MIXTURE.squared_error, rounds=1, seed=3)
     assert torch.equal(ts, again) and info["after"] < info["before"]
     fresh = _mixture_noise(4000, 1)
-    reference = _accurate(denoise, fresh, sch)
+    reference = common.accurate_solve(denoise, fresh, sch)
     t_min = float(sch.t_from_log_snr(torch.tensor(-2 * math.log(0.03), dtype=torch.float64)))
     gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
     fitted = MIXTURE.squared_error(
@@ -555,7 +550,7 @@ def test_fit_grid_starts_from_the_uniform_grid_too():
     sch = common.Schedule("cosine")
     denoise = common.make_denoiser(MIXTURE.model(sch, "v"), sch, "v")
     pilot, steps = _mixture_noise(1000, 0), 4
-    reference = _accurate(denoise, pilot, sch)
+    reference = common.accurate_solve(denoise, pilot, sch)
     ts, info = common.fit_grid("ddim", denoise, pilot, steps, sch, MIXTURE.squared_error, rounds=1, reference=reference)
     uniform = common.sample("ddim", denoise, pilot, steps + 1, sch)  # 1, 0.8, ..., 0.2, 0: 5 calls
     assert info["after"] <= MIXTURE.squared_error(uniform, reference) + 1e-9
