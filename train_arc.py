@@ -41,10 +41,12 @@ AUGMENT = True  # random D4 x colour-shift augmentation of training pairs
 # model
 SIZE: common.choices(*models.ArcDenoiser.PRESETS) = "smol"  # preset (models.ArcDenoiser.PRESETS)
 DROPOUT: common.bounds("0..1") = 0.1  # attention, FFN and embedding dropout
+RECURSE: common.bounds("1..16") = 1  # passes of the output tokens through the (weight-tied) blocks per call
 # diffusion
 T_STEPS: common.bounds("> 1") = 128  # discrete noise levels, t = i / T_STEPS
 KEEP_FLOOR: common.bounds("0..0.999") = 0.02  # alpha_bar at t = 1: the fraction of cells still clean at the end
 SELF_COND_PROB: common.bounds("0..1") = 0.5  # probability of a self-conditioning pass in training
+SELF_COND_DEPTH: common.bounds("1..8") = 1  # no-grad estimates chained (each conditioned on the last) when it is
 SIZE_WEIGHT: common.bounds(">= 0") = 0.5  # weight of the size head's cross-entropy (height + width)
 SAMPLE_STEPS: common.bounds("> 0") = 32  # denoising steps at inference (at most T_STEPS)
 # optim
@@ -57,6 +59,7 @@ CLIP: common.bounds("> 0") = 1.0  # gradient-norm clip
 EMA_DECAY: common.bounds("0..1") = 0.9995  # final EMA decay
 EMA_START: common.bounds("0..1") = 0.99  # EMA decay at step 0, ramped linearly to EMA_DECAY over WARMUP_STEPS
 MAX_STEPS: common.bounds(">= 0") = 100_000  # optimizer updates; 0 saves the untrained weights (a baseline)
+TTT_STEPS: common.bounds(">= 0") = 0  # the last N updates draw only the held-out tasks' demonstration pairs
 # io
 OUT_DIR = "runs/arc"  # checkpoints, log.jsonl, samples/
 LOG_EVERY: common.bounds("> 0") = 100  # steps between log lines
@@ -279,10 +282,13 @@ def make_cond(data, idx, d4, shift):
     return {"task": data["task"][idx], "inp": inp, "d4": d4, "shift": shift}
 
 
-def training_loss(model, data, idx, gen, t_steps, keep_floor, self_cond_prob, size_weight, augment_on=True):
+def training_loss(
+    model, data, idx, gen, t_steps, keep_floor, self_cond_prob, size_weight, augment_on=True, self_cond_depth=1
+):
     """Cross-entropy against x0 on valid cells of the augmented output, noised by D3PM-uniform at a level t = i / T
     (the network sees its log-SNR), with self-conditioning (Chen et al. 2022, arXiv:2208.04202) w.p.
-    self_cond_prob, + size_weight * size CE. -> (loss, per-sample CE (B,), per-sample cell accuracy (B,), size CE
+    self_cond_prob, the estimate refined self_cond_depth times without gradient (each pass conditioned on the
+    last), + size_weight * size CE. -> (loss, per-sample CE (B,), per-sample cell accuracy (B,), size CE
     (B,), t (B,))."""
     B, dev = idx.shape[0], idx.device
     d4 = torch.randint(0, 8 if augment_on else 1, (B,), generator=gen, device=dev)
@@ -297,7 +303,8 @@ def training_loss(model, data, idx, gen, t_steps, keep_floor, self_cond_prob, si
     cond["self_cond"] = None
     if torch.rand((), generator=gen, device=dev) < self_cond_prob:
         with torch.no_grad():
-            cond["self_cond"] = model(x_t, log_snr, cond).detach()
+            for _ in range(self_cond_depth):
+                cond["self_cond"] = model(x_t, log_snr, cond).detach()
     logits, size_logits = model(x_t, log_snr, cond, return_size=True)
     ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), x0.clamp(max=9), reduction="none")  # (B, G, G)
     n = valid.sum((1, 2)).clamp(min=1)
@@ -306,6 +313,15 @@ def training_loss(model, data, idx, gen, t_steps, keep_floor, self_cond_prob, si
     size_ce = F.cross_entropy(size_logits.float().flatten(0, 1), (size - 1).flatten(), reduction="none").view(B, 2)
     loss = (ce * valid).sum() / valid.sum() + size_weight * size_ce.sum(1).mean()
     return loss, per_sample.detach(), acc.detach(), size_ce.sum(1).detach(), t
+
+
+def draw_pairs(gen, n, n_pairs, pool=None):
+    """n training-pair indices drawn uniformly (with replacement) from all n_pairs, or from `pool` (a tensor of
+    indices: the test-time fine-tuning phase's) when given."""
+    dev = pool.device if pool is not None else gen.device
+    if pool is None:
+        return torch.randint(0, n_pairs, (n,), generator=gen, device=dev)
+    return pool[torch.randint(0, len(pool), (n,), generator=gen, device=dev)]
 
 
 def per_sample_generators(seeds, device):
@@ -554,12 +570,17 @@ def build_model(config):
 def main(argv):
     config = common.apply_overrides(globals(), argv)
     common.check(SAMPLE_STEPS <= T_STEPS, f"sample_steps={SAMPLE_STEPS} exceeds t_steps={T_STEPS}")
+    common.check(TTT_STEPS <= MAX_STEPS, f"ttt_steps={TTT_STEPS} exceeds max_steps={MAX_STEPS}; give at most that")
     run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
     task_ids, train_pairs, held_pairs = split_examples(load_tasks(DATA), HOLDOUT, GRID, MAX_TASKS)
     config.update(script="train_arc", model="arc", task_ids=task_ids)
-    config["model_kw"] = {"n_tasks": len(task_ids), "grid": GRID, "dropout": DROPOUT}
+    config["model_kw"] = {"n_tasks": len(task_ids), "grid": GRID, "dropout": DROPOUT, "recurse": RECURSE}
     train = {k: v.to(run.device) for k, v in to_tensors(train_pairs, GRID).items()}
     held = {k: v.to(run.device) for k, v in to_tensors(held_pairs, GRID).items()}
+    # test-time fine-tuning pool (Akyurek et al. 2024, arXiv:2411.07279, on all held-out tasks at once): the pairs of
+    # the tasks whose test pairs are held out, i.e. their demonstrations, which the last TTT_STEPS updates draw alone
+    ttt_pool = torch.isin(train["task"], held["task"]).nonzero().flatten()
+    common.check(TTT_STEPS == 0 or len(ttt_pool) > 0, "ttt_steps > 0 but no held-out task has a training pair")
     common.seed_everything(SEED)  # the initial weights depend on SEED alone
     raw = build_model(config).to(run.device)
     ema = common.EMA(raw)
@@ -569,15 +590,18 @@ def main(argv):
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **fused)
     describe = f"{DATA}: {len(task_ids)} tasks, {len(train_pairs)} training pairs, {len(held_pairs)} held-out pairs "
     describe += f"(holdout={HOLDOUT}, grid={GRID}); {SIZE}"
+    describe += f"; the last {TTT_STEPS} updates on {len(ttt_pool)} held-out tasks' pairs" if TTT_STEPS else ""
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     while step < MAX_STEPS:
         model.train()
         for m in range(GRAD_ACCUM):
             gen = common.step_generator(run, SEED, step, m)  # data, augmentation, noise; dropout
-            idx = torch.randint(0, train["task"].shape[0], (run.micro,), generator=gen, device=run.device)
+            idx = draw_pairs(
+                gen, run.micro, train["task"].shape[0], ttt_pool if step >= MAX_STEPS - TTT_STEPS else None
+            )
             with common.micro_step(run, model, m, GRAD_ACCUM):
                 loss, ce, acc, size_ce, t = training_loss(
-                    model, train, idx, gen, T_STEPS, KEEP_FLOOR, SELF_COND_PROB, SIZE_WEIGHT, AUGMENT
+                    model, train, idx, gen, T_STEPS, KEEP_FLOOR, SELF_COND_PROB, SIZE_WEIGHT, AUGMENT, SELF_COND_DEPTH
                 )
                 run.accelerator.backward(loss / GRAD_ACCUM)
             run.metrics.add(loss=ce, size_ce=size_ce, cell_acc=acc)
