@@ -328,7 +328,26 @@ def per_sample_generators(seeds, device):
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-KERNELS = {"exact": common.d3pm_uniform_reverse, "austin": common.d3pm_uniform_reverse_austin}
+def reverse_x0_argmax(x_t, p_x0, keep_t, keep_s):
+    """q(x_s | x_t, x0_hat) for the point estimate x0_hat = argmax p(x0 | x_t): the exact kernel of a posterior that
+    is certain (each cell either keeps its noisy class or moves to its estimate, or to a uniform draw)."""
+    onehot = F.one_hot(p_x0.argmax(-1), p_x0.shape[-1]).to(p_x0.dtype)
+    return common.d3pm_uniform_reverse(x_t, onehot, keep_t, keep_s)
+
+
+def reverse_renoise(x_t, p_x0, keep_t, keep_s):
+    """q(x_s | x0_hat): the point estimate argmax p(x0 | x_t) noised afresh to level s, forgetting x_t (predict,
+    then re-noise; iterative refinement of the estimate through self-conditioning)."""
+    K = p_x0.shape[-1]
+    return keep_s * F.one_hot(p_x0.argmax(-1), K).to(p_x0.dtype) + (1 - keep_s) / K
+
+
+KERNELS = {
+    "exact": common.d3pm_uniform_reverse,
+    "austin": common.d3pm_uniform_reverse_austin,
+    "x0_argmax": reverse_x0_argmax,
+    "renoise": reverse_renoise,
+}
 
 
 @torch.no_grad()
@@ -340,8 +359,9 @@ def sample_grids(
     p(x0 | x_t) for the network's posterior p(x0 | x_t) (common.d3pm_uniform_reverse), self-conditioned on the
     previous logits; the last step takes the argmax. Sample b draws its noise from its own generator seeded
     seeds[b]. The input prefix's keys and values are computed once (model.encode_prefix) and reused at every step;
-    use_cache=False recomputes them each step (the same logits, slower). kernel: "exact" (d3pm_uniform_reverse) or
-    "austin" (the kernel of Austin et al. eq. 4 as written, for the ablation); argmax_steps: the last this many steps
+    use_cache=False recomputes them each step (the same logits, slower). kernel: "exact" (d3pm_uniform_reverse),
+    "austin" (the kernel of Austin et al. eq. 4 as written, for the ablation), "x0_argmax" (reverse_x0_argmax) or
+    "renoise" (reverse_renoise); argmax_steps: the last this many steps
     take the most likely class instead of a draw (1: only the final step, which returns the argmax of p(x0 | x_t);
     `steps`: deterministic). -> (B, G, G) long, _PAD outside `size`."""
     B, G, dev = size.shape[0], cond["inp"].shape[-1], size.device
@@ -637,7 +657,8 @@ EVAL = {  # `python evaluate.py RUN key=value` options for train_arc checkpoints
     "MAX_PAIRS": -1,  # score only the first N held-out test pairs; -1 all
     "DATA": "",  # "" the checkpoint's data; or arc1 | arc2 | a folder with the official JSON files
     "GALLERY": 8,  # test pairs drawn in gallery_{mode}.png (input, target, both attempts); 0 none
-    "KERNEL": "exact",  # reverse kernel: exact | austin (Austin et al. eq. 4 as written; the ablation)
+    "KERNEL": "exact",  # reverse kernel: exact | austin (Austin et al. eq. 4 as written) | x0_argmax (the exact
+    # posterior given the argmax estimate of x0) | renoise (the argmax estimate noised afresh); see KERNELS
     "ARGMAX_STEPS": 1,  # the last N denoising steps take the most likely class instead of a draw (1: the final only)
     "LL_VIEWS": 0,  # vote mode: also pick the two attempts by the model's likelihood over this many views (1..8;
     # a product of experts, select_by_likelihood) from the same samples, scored as pass2_vote_ll; 0 off
@@ -661,7 +682,7 @@ def check_eval_options(opts):
     if opts["gallery"] < 0:
         common.die(f"gallery={opts['gallery']}: give a number of test pairs >= 0")
     if opts["kernel"] not in KERNELS:
-        common.die(f"kernel={opts['kernel']!r}: choose {' or '.join(KERNELS)}")
+        common.die(f"kernel={opts['kernel']!r}: choose {', '.join(KERNELS)}")
     if not 1 <= opts["argmax_steps"] <= opts["steps"]:
         common.die(f"argmax_steps={opts['argmax_steps']}: give 1..steps ({opts['steps']})")
     if not 0 <= opts["ll_views"] <= 8:

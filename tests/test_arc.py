@@ -287,10 +287,36 @@ def test_sampler_options_argmax_and_kernel():
     assert torch.equal(exact, ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, argmax_steps=1))
     austin = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, kernel="austin")
     assert not torch.equal(exact, austin) and not torch.equal(exact, a)
+    for kernel in ("x0_argmax", "renoise"):
+        other = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, kernel=kernel)
+        assert not torch.equal(exact, other) and (other[0, :3, :3] < 10).all() and (other[0, 3:] == ta._PAD).all()
     opts = {**{k.lower(): v for k, v in ta.EVAL.items()}}
     for bad, msg in (({"kernel": "d3pm"}, "kernel='d3pm'"), ({"argmax_steps": 0}, "argmax_steps=0")):
         with pytest.raises(SystemExit, match=msg):
             ta.check_eval_options({**opts, **bad})
+
+
+def test_point_estimate_kernels_against_their_definitions():
+    """x0_argmax is the exact kernel with the posterior replaced by the one-hot argmax: computed here by Bayes over
+    the two-step chain, q(x_s | x_t, x0) = q(x_t | x_s) q(x_s | x0) / q(x_t | x0), one cell at a time; renoise is
+    q(x_s | x0_hat) and does not depend on x_t. Both are distributions."""
+    K, keep_t, keep_s = 10, 0.3, 0.7
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randint(0, K, (50,), generator=gen)
+    p = torch.rand(50, K, generator=gen, dtype=torch.float64).softmax(-1)
+    a_ts, x0 = keep_t / keep_s, p.argmax(-1)
+    brute = torch.zeros(50, K, dtype=torch.float64)
+    for n in range(50):
+        for j in range(K):
+            q_t_s = a_ts * (x_t[n] == j) + (1 - a_ts) / K
+            q_s_0 = keep_s * (j == x0[n]) + (1 - keep_s) / K
+            brute[n, j] = q_t_s * q_s_0
+        brute[n] /= keep_t * (x_t[n] == x0[n]) + (1 - keep_t) / K
+    torch.testing.assert_close(ta.reverse_x0_argmax(x_t, p, keep_t, keep_s), brute)
+    renoise = ta.reverse_renoise(x_t, p, keep_t, keep_s)
+    torch.testing.assert_close(renoise, ta.reverse_renoise(torch.zeros_like(x_t), p, keep_t, keep_s))
+    torch.testing.assert_close(renoise.sum(-1), torch.ones(50, dtype=torch.float64))
+    assert (renoise.argmax(-1) == x0).all()
 
 
 def test_likelihood_score_matches_a_brute_force_sum_on_a_tiny_grid():
