@@ -282,9 +282,11 @@ def test_sampler_options_argmax_and_kernel():
     cond = {"task": torch.tensor([0, 1]), "inp": inp, "d4": torch.zeros(2, dtype=torch.long)}
     cond["shift"] = cond["d4"]
     size = torch.tensor([[3, 3], [5, 6]])
-    a = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, argmax_steps=3)
-    exact = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02)
-    assert torch.equal(exact, ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, argmax_steps=1))
+    a = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, argmax_steps=3, kernel="exact")
+    exact = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, kernel="exact")
+    assert torch.equal(exact, ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, argmax_steps=1, kernel="exact"))
+    default = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02)
+    assert torch.equal(default, ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, kernel="x0_argmax"))
     austin = ta.sample_grids(m, cond, size, [0, 1], 6, 128, 0.02, kernel="austin")
     assert not torch.equal(exact, austin) and not torch.equal(exact, a)
     for kernel in ("x0_argmax", "renoise"):
