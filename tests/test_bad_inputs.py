@@ -105,6 +105,9 @@ ARC_CASES = [
     (["grid=2", "max_tasks=3"], "no tasks fit in grid=2"),
     (["eval_every=0"], "eval_every=0 is out of range"),
     (["arckit_versions=x"], "unknown key 'arckit_versions'"),
+    (["ttt_steps=5", "max_steps=1"], "ttt_steps=5 exceeds max_steps=1"),
+    (["ttt_steps=-1"], "ttt_steps=-1 is out of range"),
+    (["self_cond_depth=0"], "self_cond_depth=0 is out of range"),
 ]
 
 
