@@ -320,12 +320,6 @@ class ArcDenoiser(nn.Module):
     and then the time and output tokens against its keys and values (split attention: no work on masked pairs, no
     mask, so fused kernels apply), and a sampler passes encode_prefix(cond) as `cache` to every step.
 
-    Recursion (recurse = R > 1; weight-tied depth as in the Universal Transformer, Dehghani et al. 2019,
-    arXiv:1807.03819, and the recursive reasoning models of Jolicoeur-Martineau 2025, arXiv:2510.04871): the time
-    and output tokens pass R times through the same blocks, each pass attending to the same prefix keys and values,
-    with the output tokens' embeddings added again before every pass after the first (input injection). R times the
-    suffix's compute, no new parameters; R = 1 is the plain model.
-
     model(x, t, cond) -> colour logits (B, G, G, 10); with return_size=True also size logits (B, 2, G), where
     x (B, G, G) long is the noisy output (PAD outside its h x w) and cond a dict: task (B,), inp (B, G, G) long
     input (PAD outside), d4 (B,) in [0, 8), shift (B,) in [0, 9), self_cond (B, G, G, 10) logits of the previous
@@ -345,22 +339,10 @@ class ArcDenoiser(nn.Module):
     }
 
     def __init__(
-        self,
-        d_model,
-        n_layers,
-        n_heads,
-        n_tasks=1000,
-        grid=30,
-        n_colours=10,
-        dropout=0.1,
-        input_dropout=0.05,
-        recurse=1,
+        self, d_model, n_layers, n_heads, n_tasks=1000, grid=30, n_colours=10, dropout=0.1, input_dropout=0.05
     ):
         super().__init__()
-        if recurse < 1:
-            raise ValueError(f"recurse={recurse}: give at least 1 pass through the blocks")
         self.grid, self.n_colours, self.pad, self.input_dropout = grid, n_colours, n_colours, input_dropout
-        self.recurse = recurse
         self.task_emb = nn.Embedding(n_tasks, d_model)
         self.d4_emb, self.shift_emb = nn.Embedding(8, d_model), nn.Embedding(n_colours - 1, d_model)
         self.time_embed = TimestepEmbedder(d_model, freq_dim=d_model, scale=1.0)  # t is a log-SNR, not in [0, 1]
@@ -424,12 +406,9 @@ class ArcDenoiser(nn.Module):
         """Split attention: the prefix pass (or `cache`, encode_prefix(cond) computed once), then the time and
         output tokens attending to the prefix's keys and values and to one another (ArcBlock.suffix)."""
         cache = self.encode_prefix(cond) if cache is None else cache
-        tokens = self.emb_drop(self._output_tokens(x, t, cond, cache["h"].dtype))
-        h = tokens
-        for r in range(self.recurse):
-            h = h if r == 0 else h + tokens  # input injection before every pass after the first
-            for block, kv in zip(self.blocks, cache["kv"]):
-                h = block.suffix(h, kv)
+        h = self.emb_drop(self._output_tokens(x, t, cond, cache["h"].dtype))
+        for block, kv in zip(self.blocks, cache["kv"]):
+            h = block.suffix(h, kv)
         logits = rearrange(self.head(h[:, 1:]), "b (r c) k -> b r c k", r=self.grid)
         return (logits, self._size_logits(cache["h"], cache["valid"])) if return_size else logits
 
@@ -441,11 +420,8 @@ class ArcDenoiser(nn.Module):
         P, L = prefix.shape[1], h.shape[1]
         mask = torch.ones(1, L, L, dtype=torch.bool, device=h.device)
         mask[:, :P, P:] = False  # the prefix never sees time or the noisy output
-        start, tokens = h[:, :P], h[:, P:]
-        for r in range(self.recurse):  # each pass recomputes the prefix from its embeddings (the same states)
-            h = torch.cat([start, tokens if r == 0 else h[:, P:] + tokens], dim=1)
-            for block in self.blocks:
-                h = block(h, mask)
+        for block in self.blocks:
+            h = block(h, mask)
         logits = rearrange(self.head(h[:, P + 1 :]), "b (r c) k -> b r c k", r=self.grid)
         return (logits, self._size_logits(h, valid)) if return_size else logits
 

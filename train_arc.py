@@ -41,12 +41,10 @@ AUGMENT = True  # random D4 x colour-shift augmentation of training pairs
 # model
 SIZE: common.choices(*models.ArcDenoiser.PRESETS) = "smol"  # preset (models.ArcDenoiser.PRESETS)
 DROPOUT: common.bounds("0..1") = 0.1  # attention, FFN and embedding dropout
-RECURSE: common.bounds("1..16") = 1  # passes of the output tokens through the (weight-tied) blocks per call
 # diffusion
 T_STEPS: common.bounds("> 1") = 128  # discrete noise levels, t = i / T_STEPS
 KEEP_FLOOR: common.bounds("0..0.999") = 0.02  # alpha_bar at t = 1: the fraction of cells still clean at the end
 SELF_COND_PROB: common.bounds("0..1") = 0.5  # probability of a self-conditioning pass in training
-SELF_COND_DEPTH: common.bounds("1..8") = 1  # no-grad estimates chained (each conditioned on the last) when it is
 SIZE_WEIGHT: common.bounds(">= 0") = 0.5  # weight of the size head's cross-entropy (height + width)
 SAMPLE_STEPS: common.bounds("> 0") = 32  # denoising steps at inference (at most T_STEPS)
 # optim
@@ -282,13 +280,10 @@ def make_cond(data, idx, d4, shift):
     return {"task": data["task"][idx], "inp": inp, "d4": d4, "shift": shift}
 
 
-def training_loss(
-    model, data, idx, gen, t_steps, keep_floor, self_cond_prob, size_weight, augment_on=True, self_cond_depth=1
-):
+def training_loss(model, data, idx, gen, t_steps, keep_floor, self_cond_prob, size_weight, augment_on=True):
     """Cross-entropy against x0 on valid cells of the augmented output, noised by D3PM-uniform at a level t = i / T
     (the network sees its log-SNR), with self-conditioning (Chen et al. 2022, arXiv:2208.04202) w.p.
-    self_cond_prob, the estimate refined self_cond_depth times without gradient (each pass conditioned on the
-    last), + size_weight * size CE. -> (loss, per-sample CE (B,), per-sample cell accuracy (B,), size CE
+    self_cond_prob, + size_weight * size CE. -> (loss, per-sample CE (B,), per-sample cell accuracy (B,), size CE
     (B,), t (B,))."""
     B, dev = idx.shape[0], idx.device
     d4 = torch.randint(0, 8 if augment_on else 1, (B,), generator=gen, device=dev)
@@ -303,8 +298,7 @@ def training_loss(
     cond["self_cond"] = None
     if torch.rand((), generator=gen, device=dev) < self_cond_prob:
         with torch.no_grad():
-            for _ in range(self_cond_depth):
-                cond["self_cond"] = model(x_t, log_snr, cond).detach()
+            cond["self_cond"] = model(x_t, log_snr, cond).detach()
     logits, size_logits = model(x_t, log_snr, cond, return_size=True)
     ce = F.cross_entropy(logits.float().permute(0, 3, 1, 2), x0.clamp(max=9), reduction="none")  # (B, G, G)
     n = valid.sum((1, 2)).clamp(min=1)
@@ -595,7 +589,7 @@ def main(argv):
     run = common.setup_run(OUT_DIR, MIXED_PRECISION, BATCH_SIZE, GRAD_ACCUM, MAX_STEPS)
     task_ids, train_pairs, held_pairs = split_examples(load_tasks(DATA), HOLDOUT, GRID, MAX_TASKS)
     config.update(script="train_arc", model="arc", task_ids=task_ids)
-    config["model_kw"] = {"n_tasks": len(task_ids), "grid": GRID, "dropout": DROPOUT, "recurse": RECURSE}
+    config["model_kw"] = {"n_tasks": len(task_ids), "grid": GRID, "dropout": DROPOUT}
     train = {k: v.to(run.device) for k, v in to_tensors(train_pairs, GRID).items()}
     held = {k: v.to(run.device) for k, v in to_tensors(held_pairs, GRID).items()}
     # test-time fine-tuning pool (Akyurek et al. 2024, arXiv:2411.07279, on all held-out tasks at once): the pairs of
@@ -622,7 +616,7 @@ def main(argv):
             )
             with common.micro_step(run, model, m, GRAD_ACCUM):
                 loss, ce, acc, size_ce, t = training_loss(
-                    model, train, idx, gen, T_STEPS, KEEP_FLOOR, SELF_COND_PROB, SIZE_WEIGHT, AUGMENT, SELF_COND_DEPTH
+                    model, train, idx, gen, T_STEPS, KEEP_FLOOR, SELF_COND_PROB, SIZE_WEIGHT, AUGMENT
                 )
                 run.accelerator.backward(loss / GRAD_ACCUM)
             run.metrics.add(loss=ce, size_ce=size_ce, cell_acc=acc)

