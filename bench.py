@@ -502,7 +502,7 @@ ARC_CPU = {  # key=value overrides of `python bench.py arc_cpu`
     "OUT_DIR": "runs/arc_cpu_bench",  # one run folder per seed, and bench_arc_cpu.json
 }
 # The CPU benchmark's recipe: the real one (every pair of the training tasks and the evaluation tasks' demonstrations,
-# the 72 augmentations, the exact reverse kernel, 32 sampling steps) on the ARC-AGI-1 tasks whose every grid fits
+# the 72 augmentations, evaluate's default reverse kernel, 32 sampling steps) on the ARC-AGI-1 tasks whose every grid fits
 # 10x10 (178 training + 77 evaluation tasks, 1067 training pairs, 88 held-out test pairs), at the micro preset.
 ARC_CPU_RECIPE = tuple(
     "size=micro grid=10 holdout=eval batch_size=32 lr=1e-3 warmup_steps=200 dropout=0.0 ema_start=0.9 "
