@@ -605,7 +605,7 @@ def main(argv):
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **fused)
     describe = f"{DATA}: {len(task_ids)} tasks, {len(train_pairs)} training pairs, {len(held_pairs)} held-out pairs "
     describe += f"(holdout={HOLDOUT}, grid={GRID}); {SIZE}"
-    describe += f"; the last {TTT_STEPS} updates on {len(ttt_pool)} held-out tasks' pairs" if TTT_STEPS else ""
+    describe += f"; the last {TTT_STEPS} updates on the {len(ttt_pool)} pairs of the held-out tasks" if TTT_STEPS else ""
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     while step < MAX_STEPS:
         model.train()
