@@ -517,6 +517,21 @@ def d3pm_uniform_reverse_austin(x_t, p_x0, keep_t, keep_s):
     return q / q.sum(-1, keepdim=True)
 
 
+def d3pm_uniform_reverse_x0_argmax(x_t, p_x0, keep_t, keep_s):
+    """q(x_s | x_t, x0_hat) for the point estimate x0_hat = argmax p(x0 | x_t): d3pm_uniform_reverse of a posterior
+    that is certain (each value keeps its noisy class, moves to its estimate, or takes a uniform draw). For a task
+    with one right answer (ARC), committing to the estimate beats drawing from the marginal."""
+    onehot = torch.nn.functional.one_hot(p_x0.argmax(-1), p_x0.shape[-1]).to(p_x0.dtype)
+    return d3pm_uniform_reverse(x_t, onehot, keep_t, keep_s)
+
+
+def d3pm_uniform_renoise(x_t, p_x0, keep_t, keep_s):
+    """q(x_s | x0_hat): the point estimate argmax p(x0 | x_t) noised afresh to level s, forgetting x_t (predict, then
+    re-noise). Same signature as the reverse kernels; x_t and keep_t are unused."""
+    K = p_x0.shape[-1]
+    return keep_s * torch.nn.functional.one_hot(p_x0.argmax(-1), K).to(p_x0.dtype) + (1 - keep_s) / K
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Samplers: sampler(denoise, x, ts, schedule, generator, **options) -> x at ts[-1]
 # denoise(x, t) -> (x0_hat, eps_hat), t a (B,) tensor; ts a decreasing grid from t_max to t_min (see time_grid).

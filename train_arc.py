@@ -322,25 +322,11 @@ def per_sample_generators(seeds, device):
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-def reverse_x0_argmax(x_t, p_x0, keep_t, keep_s):
-    """q(x_s | x_t, x0_hat) for the point estimate x0_hat = argmax p(x0 | x_t): the exact kernel of a posterior that
-    is certain (each cell either keeps its noisy class or moves to its estimate, or to a uniform draw)."""
-    onehot = F.one_hot(p_x0.argmax(-1), p_x0.shape[-1]).to(p_x0.dtype)
-    return common.d3pm_uniform_reverse(x_t, onehot, keep_t, keep_s)
-
-
-def reverse_renoise(x_t, p_x0, keep_t, keep_s):
-    """q(x_s | x0_hat): the point estimate argmax p(x0 | x_t) noised afresh to level s, forgetting x_t (predict,
-    then re-noise; iterative refinement of the estimate through self-conditioning)."""
-    K = p_x0.shape[-1]
-    return keep_s * F.one_hot(p_x0.argmax(-1), K).to(p_x0.dtype) + (1 - keep_s) / K
-
-
 KERNELS = {
     "exact": common.d3pm_uniform_reverse,
     "austin": common.d3pm_uniform_reverse_austin,
-    "x0_argmax": reverse_x0_argmax,
-    "renoise": reverse_renoise,
+    "x0_argmax": common.d3pm_uniform_reverse_x0_argmax,
+    "renoise": common.d3pm_uniform_renoise,
 }
 
 
@@ -351,12 +337,12 @@ def sample_grids(
     """Reverse D3PM-uniform process from uniform random colours inside `size` (B, 2) over `steps` levels
     round(linspace(T - 1, 0, steps)), self-conditioned on the previous logits; each step draws x_s from a reverse
     kernel given the network's posterior p(x0 | x_t) (KERNELS): by default q(x_s | x_t, x0_hat) for the argmax
-    estimate x0_hat (reverse_x0_argmax; on ARC, where the answer is one grid, better than drawing from the exact
+    estimate x0_hat (common.d3pm_uniform_reverse_x0_argmax; on ARC, where the answer is one grid, better than drawing from the exact
     p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p(x0 | x_t), kernel="exact", README); the last step takes the argmax of
     p(x0 | x_t). Sample b draws its noise from its own generator seeded seeds[b]. The input prefix's keys and values
     are computed once (model.encode_prefix) and reused at every step; use_cache=False recomputes them each step
     (the same logits, slower). kernel: "x0_argmax", "exact" (common.d3pm_uniform_reverse), "austin" (Austin et al.
-    eq. 4 as written) or "renoise" (reverse_renoise); argmax_steps: the last this many steps take the kernel's most
+    eq. 4 as written) or "renoise" (common.d3pm_uniform_renoise); argmax_steps: the last this many steps take the kernel's most
     likely class instead of a draw (1: only the final step; `steps`: deterministic). -> (B, G, G) long, _PAD
     outside `size`."""
     B, G, dev = size.shape[0], cond["inp"].shape[-1], size.device
@@ -605,7 +591,9 @@ def main(argv):
     optimizer = torch.optim.AdamW(raw.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **fused)
     describe = f"{DATA}: {len(task_ids)} tasks, {len(train_pairs)} training pairs, {len(held_pairs)} held-out pairs "
     describe += f"(holdout={HOLDOUT}, grid={GRID}); {SIZE}"
-    describe += f"; the last {TTT_STEPS} updates on the {len(ttt_pool)} pairs of the held-out tasks" if TTT_STEPS else ""
+    describe += (
+        f"; the last {TTT_STEPS} updates on the {len(ttt_pool)} pairs of the held-out tasks" if TTT_STEPS else ""
+    )
     model, optimizer, step = common.start(run, raw, ema.model, optimizer, config, RESUME, INIT_FROM, COMPILE, describe)
     while step < MAX_STEPS:
         model.train()

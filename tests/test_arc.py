@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 import models
 import train_arc as ta
 
@@ -264,9 +265,9 @@ def test_point_estimate_kernels_against_their_definitions():
             q_s_0 = keep_s * (j == x0[n]) + (1 - keep_s) / K
             brute[n, j] = q_t_s * q_s_0
         brute[n] /= keep_t * (x_t[n] == x0[n]) + (1 - keep_t) / K
-    torch.testing.assert_close(ta.reverse_x0_argmax(x_t, p, keep_t, keep_s), brute)
-    renoise = ta.reverse_renoise(x_t, p, keep_t, keep_s)
-    torch.testing.assert_close(renoise, ta.reverse_renoise(torch.zeros_like(x_t), p, keep_t, keep_s))
+    torch.testing.assert_close(common.d3pm_uniform_reverse_x0_argmax(x_t, p, keep_t, keep_s), brute)
+    renoise = common.d3pm_uniform_renoise(x_t, p, keep_t, keep_s)
+    torch.testing.assert_close(renoise, common.d3pm_uniform_renoise(torch.zeros_like(x_t), p, keep_t, keep_s))
     torch.testing.assert_close(renoise.sum(-1), torch.ones(50, dtype=torch.float64))
     assert (renoise.argmax(-1) == x0).all()
 
