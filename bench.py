@@ -96,6 +96,7 @@ SAMPLER_BENCH = {  # key=value overrides of `python bench.py samplers`
     "S_MIN": 0.03,  # karras / logsnr grids end at sigma / alpha = S_MIN, then the final denoise (1 NFE)
     "RHO": 7.0,  # karras grid exponent (Karras et al. 2022 eq. 5)
     "FIT_NFES": (5, 10),  # NFEs of the fitted grids (common.fit_grid; at 20 and 50 the fixed grids reach the floor)
+    "X0_VAR_N": 10_000,  # ddpm: mixture draws its Analytic-DPM variance is estimated on (0: DDPM's posterior variance)
     "FIT_PILOT": 8000,  # pilot batch each fitted grid is fitted on (its own seed, apart from the evaluation's noise)
     "SCHEDULES": ("cosine", "linear", "flow"),  # noise schedules of the mixture tables
     "MIXTURE": True,  # the mixture tables (false: only the image check)
@@ -103,6 +104,7 @@ SAMPLER_BENCH = {  # key=value overrides of `python bench.py samplers`
     "IMAGE_SAMPLERS": ("unipc", "dpmpp_2m", "heun", "ddpm"),  # samplers of the image check
     "IMAGE_NFES": (10, 20, 50),  # NFE of the image check (each sample: 2 network passes per NFE with guidance)
     "IMAGE_GRID": "logsnr",  # time grid of the image check (uniform for ddpm, whose steps the run was made for)
+    "IMAGE_ANALYTIC_VAR": 0,  # ddpm rows: training images for its Analytic-DPM variance (train_stl10 analytic_var)
     "IMAGE_N": 500,  # samples per image-check row (sample i from seed i, class i % K), scored against N held-out
     "OUT_DIR": ".",  # where bench_samplers.json goes
 }
@@ -117,9 +119,19 @@ def grid_options(grid, schedule, s_max, s_min, rho):
     return {"grid": grid, "t_min": t_min, "s_max": s_max, "rho": rho}
 
 
-def mixture_errors(mixture, schedule, sampler, options, nfes, noises, refs):
+def sampler_options(mixture, schedule, sampler, denoise, x0_var_n):
+    """ddpm's x0_var: common.x0_variance on x0_var_n draws of the mixture of their own seed (none at 0)."""
+    if sampler != "ddpm" or x0_var_n == 0:
+        return {}
+    return {
+        "x0_var": common.x0_variance(denoise, mixture.sample(x0_var_n, torch.Generator().manual_seed(4000)), schedule)
+    }
+
+
+def mixture_errors(mixture, schedule, sampler, options, nfes, noises, refs, x0_var_n=0):
     """The mean over repeats of GaussianMixture.error(samples, reference draw) at each NFE, and the NFE used."""
     denoise = common.make_denoiser(mixture.model(schedule, "v"), schedule, "v")
+    extra = sampler_options(mixture, schedule, sampler, denoise, x0_var_n)
     errors, used = {}, {}
     for nfe in nfes:
         steps = common.steps_for_nfe(sampler, nfe, options["t_min"])
@@ -128,7 +140,7 @@ def mixture_errors(mixture, schedule, sampler, options, nfes, noises, refs):
         total = 0.0
         for r, (noise, ref) in enumerate(zip(noises, refs)):
             x = common.sample(
-                sampler, denoise, noise, steps, schedule, generator=torch.Generator().manual_seed(r), **options
+                sampler, denoise, noise, steps, schedule, generator=torch.Generator().manual_seed(r), **options, **extra
             )
             total += mixture.error(x, ref)["max"]
         errors[nfe] = total / len(noises)
@@ -159,19 +171,27 @@ def fitted_row(mixture, schedule, name, cfg, pilot, noises, refs):
     fresh noise); these ratios are to the floor of 4 draws then used (0.0178; 16 per reference draw: 0.0198). ddpm's
     fit runs on fixed random numbers (fit_grid's seed); its output is scored as a distribution all the same."""
     denoise = common.make_denoiser(mixture.model(schedule, "v"), schedule, "v")
-    distance = mixture.squared_error
+    distance, options = mixture.squared_error, sampler_options(mixture, schedule, name, denoise, cfg["x0_var_n"])
     errors, used, grids, calls = {}, {}, {}, 0
     for nfe in cfg["fit_nfes"]:
         steps = common.steps_for_nfe(name, nfe, t_min=cfg["s_min"])
         ts, info = common.fit_grid(  # ddpm: the same random numbers (seed 0) at every evaluation of the fit
-            name, denoise, pilot, steps, schedule, distance, s_max=cfg["s_max"], s_min=cfg["s_min"], seed=0
+            name,
+            denoise,
+            pilot,
+            steps,
+            schedule,
+            distance,
+            s_max=cfg["s_max"],
+            s_min=cfg["s_min"],
+            seed=0,
+            options=options,
         )
         used[nfe], grids[nfe], calls = common.count_nfe(name, ts), ts.tolist(), calls + info["calls"]
         total = 0.0
         for r, (noise, ref) in enumerate(zip(noises, refs)):
-            x = common.sample(
-                name, denoise, noise, steps, schedule, times=ts, generator=torch.Generator().manual_seed(r)
-            )
+            gen = torch.Generator().manual_seed(r)
+            x = common.sample(name, denoise, noise, steps, schedule, times=ts, generator=gen, **options)
             total += mixture.error(x, ref)["max"]
         errors[nfe] = total / len(noises)
         print(f"fitted {schedule.kind} {name} NFE {nfe}: error {errors[nfe]:.4f}", flush=True)
@@ -198,10 +218,12 @@ def bench_samplers(argv):
         common.check(
             kind in common.Schedule.KINDS, f"schedules: {kind!r} is not one of {', '.join(common.Schedule.KINDS)}"
         )
+    common.check(cfg["x0_var_n"] >= 0, f"x0_var_n={cfg['x0_var_n']}: give 0 (no Analytic-DPM variance) or more draws")
     common.check(cfg["fit_pilot"] >= 2, f"fit_pilot={cfg['fit_pilot']}: give at least 2 samples")
     common.check(
         all(isinstance(k, int) and k >= 2 for k in cfg["fit_nfes"]), f"fit_nfes={cfg['fit_nfes']}: give NFEs >= 2"
     )
+    common.check(cfg["image_analytic_var"] >= 0, f"image_analytic_var={cfg['image_analytic_var']}: give 0 or more")
     common.check(cfg["image_n"] >= 2, f"image_n={cfg['image_n']}: give at least 2 samples")
     common.check(
         all(isinstance(k, int) and k >= 2 for k in cfg["image_nfes"]), f"image_nfes={cfg['image_nfes']}: NFEs >= 2"
@@ -239,7 +261,7 @@ def bench_samplers(argv):
         for grid in common.GRIDS:
             options = grid_options(grid, schedule, cfg["s_max"], cfg["s_min"], cfg["rho"])
             for name in common.SAMPLERS:
-                errors, used = mixture_errors(mixture, schedule, name, options, nfes, noises, refs)
+                errors, used = mixture_errors(mixture, schedule, name, options, nfes, noises, refs, cfg["x0_var_n"])
                 rows.append({"schedule": kind, "grid": grid, "sampler": name, "error": errors, "nfe_used": used})
         for name in FITTED:
             rows.append(fitted_row(mixture, schedule, name, cfg, pilot, noises, refs))
@@ -331,7 +353,8 @@ def sampler_summary(rows, nfes, floor):
 def image_check(cfg):
     """FD-EffNet of IMAGE_N samples of a train_stl10.py run (EMA weights, its guidance) against IMAGE_N held-out
     images, for each of IMAGE_SAMPLERS at IMAGE_NFES; ddpm on the uniform grid, the others on IMAGE_GRID from t = 1 to
-    the run's smallest training time 1 / t_steps, then the final denoise."""
+    the run's smallest training time 1 / t_steps, then the final denoise; ddpm with the Analytic-DPM variance estimated
+    on IMAGE_ANALYTIC_VAR training images where that is above 0."""
     import evaluate
     import train_stl10
 
@@ -353,13 +376,16 @@ def image_check(cfg):
                 grid=grid,
                 t_min=t_min,
                 sample_steps=common.steps_for_nfe(name, nfe, t_min),
+                analytic_var=cfg["image_analytic_var"] if name == "ddpm" else 0,
             )
-            folder = os.path.join(cfg["out_dir"], "bench_samplers_images", f"{name}_{grid}_nfe{nfe}")
+            label = f"{name}_analytic{opts['analytic_var']}" if opts["analytic_var"] else name
+            folder = os.path.join(cfg["out_dir"], "bench_samplers_images", f"{label}_{grid}_nfe{nfe}")
             os.makedirs(folder, exist_ok=True)
             result, _ = train_stl10.evaluate(model, config, opts, folder)
             rows.append(
                 {
                     "sampler": name,
+                    "analytic_var": opts["analytic_var"],
                     "grid": grid,
                     "nfe": result["nfe"],
                     "FD-EffNet": result["FD-EffNet"],
@@ -369,7 +395,7 @@ def image_check(cfg):
                 }
             )
             print(
-                f"image check: {name:<9} {grid:<8} NFE {result['nfe']:>3}  FD-EffNet {result['FD-EffNet']:.1f}  "
+                f"image check: {label:<9} {grid:<8} NFE {result['nfe']:>3}  FD-EffNet {result['FD-EffNet']:.1f}  "
                 f"KID-EffNet {result['KID-EffNet']:.3f}  ({result['sampling_s']:.0f} s; {folder}/eval_samples.png)",
                 flush=True,
             )

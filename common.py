@@ -606,36 +606,72 @@ def _half_lambda(schedule, t):
     return 0.5 * float(_floored_log_snr(schedule, torch.tensor(float(t), dtype=torch.float64)))
 
 
-def _ancestral_step(x, x0, eps, alpha_s, sigma_s, alpha_t, sigma_t, eta, generator):
+def _ancestral_step(x, x0, eps, alpha_s, sigma_s, alpha_t, sigma_t, eta, generator, x0_var=0.0):
     """One DDIM step t -> s < t (Song et al. 2021, arXiv:2010.02502 eq. 12) in alpha/sigma form: the posterior
     q(x_s | x_t, x0) has variance c^2 = sigma_{t|s}^2 sigma_s^2 / sigma_t^2, sigma_{t|s}^2 = sigma_t^2 -
     (alpha_t / alpha_s)^2 sigma_s^2 (Kingma et al. 2021, arXiv:2107.00630 eq. 33); with c -> eta c,
-    x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z. eta = 1 is DDPM ancestral sampling."""
+    x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z. eta = 1 is DDPM ancestral sampling.
+
+    x0_var > 0 (Analytic-DPM, Bao et al. 2022, arXiv:2201.06503 thm. 1, with the mean squared error of x0_hat in
+    place of the average posterior variance of x0 as in Bao et al. 2022, arXiv:2206.07309): the mean above is
+    k x0_hat + (sqrt(sigma_s^2 - c^2) / sigma_t) x_t with k = alpha_s - sqrt(sigma_s^2 - c^2) alpha_t / sigma_t, so
+    the reverse kernel p(x_s | x_t), the average of q(x_s | x_t, x0) over x0 given x_t, has variance c^2 + k^2 Var(x0 |
+    x_t): the posterior's variance alone (c^2, DDPM's lower bound) leaves out what x0_hat does not know."""
     c2 = 0.0
     if eta > 0 and sigma_t > 0 and alpha_s > 0:
         sigma_ts2 = max(sigma_t**2 - (alpha_t / alpha_s) ** 2 * sigma_s**2, 0.0)
         c2 = eta**2 * sigma_ts2 * sigma_s**2 / sigma_t**2
-    x = alpha_s * x0 + math.sqrt(max(sigma_s**2 - c2, 0.0)) * eps
-    if c2 > 0:
-        x = x + math.sqrt(c2) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    keep = math.sqrt(max(sigma_s**2 - c2, 0.0))
+    x = alpha_s * x0 + keep * eps
+    var = c2 + ((alpha_s - keep * alpha_t / sigma_t) ** 2 * x0_var if x0_var > 0 and sigma_t > 0 else 0.0)
+    if var > 0:
+        x = x + math.sqrt(var) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x
 
 
-def sample_ddim(denoise, x, ts, schedule, generator=None, eta=0.0, callback=None):
-    """DDIM (Song et al. 2021, arXiv:2010.02502 eq. 12); eta = 0 deterministic, eta = 1 ancestral DDPM."""
+def sample_ddim(denoise, x, ts, schedule, generator=None, eta=0.0, callback=None, x0_var=None):
+    """DDIM (Song et al. 2021, arXiv:2010.02502 eq. 12); eta = 0 deterministic, eta = 1 ancestral DDPM. x0_var: a
+    function t -> the mean squared error of x0_hat at t (see x0_variance), for the Analytic-DPM variance; not used by
+    a step that lands on t = 0, which returns x0_hat as every sampler's last step does."""
     for i in range(len(ts) - 1):
         x0, eps = _call(denoise, x, ts[i])
         alpha_t, sigma_t = _scalars(schedule, ts[i])
         alpha_s, sigma_s = _scalars(schedule, ts[i + 1])
         if callback:
             callback(i, float(ts[i]), x, x0)
-        x = _ancestral_step(x, x0, eps, alpha_s, sigma_s, alpha_t, sigma_t, eta, generator)
+        var = float(x0_var(ts[i])) if x0_var is not None and float(ts[i + 1]) > 0 else 0.0
+        x = _ancestral_step(x, x0, eps, alpha_s, sigma_s, alpha_t, sigma_t, eta, generator, var)
     return x
 
 
-def sample_ddpm(denoise, x, ts, schedule, generator=None, eta=1.0, callback=None):
-    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0_hat) (Ho et al. 2020, arXiv:2006.11239 alg. 2)."""
-    return sample_ddim(denoise, x, ts, schedule, generator=generator, eta=1.0, callback=callback)
+def sample_ddpm(denoise, x, ts, schedule, generator=None, eta=1.0, callback=None, x0_var=None):
+    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0_hat) (Ho et al. 2020, arXiv:2006.11239 alg. 2); with
+    x0_var (a function t -> mean squared error of x0_hat, see x0_variance) the Analytic-DPM variance instead."""
+    return sample_ddim(denoise, x, ts, schedule, generator=generator, eta=1.0, callback=callback, x0_var=x0_var)
+
+
+def x0_variance(denoise, data, schedule, seed=0):
+    """For Analytic-DPM sampling (sample("ddpm", ..., x0_var=...)): a function t -> the mean over a batch of clean
+    data of (x0 - x0_hat(x_t, t))^2 per element, x_t = alpha x0 + sigma eps with eps drawn from `seed` (the same draw at
+    every t), memoised per t. For an exact denoiser this is the average posterior variance of x0 given x_t (Bao et al.
+    2022, arXiv:2201.06503, who estimate it through E |eps_hat|^2, which divides by alpha^2 and is unusable near t = 1
+    on a floored alpha); for a trained one it also counts the denoiser's own error, the optimal scalar variance for an
+    imperfect mean (Bao et al. 2022, arXiv:2206.07309). One denoiser call on the batch per new time: `denoise` must
+    condition on the batch's own labels, if any."""
+    cache = {}
+
+    def variance(t):
+        t = float(t)
+        if t not in cache:
+            alpha, sigma = _scalars(schedule, t)
+            gen = torch.Generator(device=data.device).manual_seed(seed)
+            eps = torch.randn(data.shape, generator=gen, device=data.device, dtype=data.dtype)
+            with torch.no_grad():
+                x0 = _call(denoise, alpha * data + sigma * eps, t)[0]
+            cache[t] = float((data - x0).double().pow(2).mean())
+        return cache[t]
+
+    return variance
 
 
 def sample_euler(denoise, x, ts, schedule, generator=None, callback=None):
@@ -858,12 +894,15 @@ def check_sampling(sampler, grid, t_min, allowed=None, steps=0, t_steps=0):
     check(grid == "uniform" or t_min > 0, f"sample_grid={grid} needs t_min > 0 (where the grid ends, then a denoise)")
 
 
-def sample(name, denoise, noise, steps, schedule, generator=None, eta=0.0, progress=False, callback=None, **grid):
+def sample(
+    name, denoise, noise, steps, schedule, generator=None, eta=0.0, progress=False, callback=None, x0_var=None, **grid
+):
     """Run sampler `name` for `steps` steps from `noise` (the state at t_max) on sample_grid(steps, schedule, **grid)
     (keywords t_max, grid, t_min, rho, s_max, t_steps, shift, and final), then the final step: where the grid ends at
     t = 0 its last step already returned x0_hat; at t_min > 0 final="denoise" (the default) returns x0_hat(x, t_min)
     (one more denoiser call) and final="none" returns x at t_min as it is. count_nfe(name, ts, final) gives the
-    denoiser calls; with progress=True a tqdm bar counts steps.
+    denoiser calls; with progress=True a tqdm bar counts steps. ddpm only: x0_var (x0_variance of a data batch) gives
+    the Analytic-DPM variance.
     """
     if name not in SAMPLERS:
         die(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
@@ -878,7 +917,8 @@ def sample(name, denoise, noise, steps, schedule, generator=None, eta=0.0, progr
         if callback:
             callback(i, t, x, x0)
 
-    options = {"eta": eta} if name == "ddim" else {}
+    check(x0_var is None or name == "ddpm", f"x0_var (Analytic-DPM's variance) is for the ddpm sampler, not {name!r}")
+    options = {"eta": eta} if name == "ddim" else {"x0_var": x0_var} if name == "ddpm" else {}
     with torch.no_grad():
         x = SAMPLERS[name](denoise, noise, ts, schedule, generator=generator, callback=step_callback, **options)
         if float(ts[-1]) > 0 and final == "denoise":
@@ -907,6 +947,7 @@ def fit_grid(
     reference=None,
     seed=0,
     final="denoise",
+    options=None,
 ):
     """A time grid fitted to one model and sampler, as Sabour et al. 2024 (Align Your Steps, arXiv:2404.14507) and
     Chen et al. 2024 (GITS, arXiv:2405.11326) fit one per model: t = 1, then `steps` free times (the last one t_min,
@@ -919,7 +960,7 @@ def fit_grid(
     distribution-level one fits better grids (bench.py samplers uses GaussianMixture.squared_error). A stochastic
     sampler (ddpm) needs a distribution-level distance (its output is a draw, not the ODE's solution of the noise);
     every evaluation runs on the same random numbers (a generator seeded `seed`), so that the objective is a
-    deterministic function of the grid. Returns (ts, info): ts the steps + 1 times for sample(..., times=ts); info the
+    deterministic function of the grid; `options` are more keywords of the sampler (ddpm's x0_var). Returns (ts, info): ts the steps + 1 times for sample(..., times=ts); info the
     distance before (on the logsnr grid from s_max) and after, and `calls`, the denoiser evaluations spent, per sample
     of the pilot batch times its size (paid once per model, sampler and NFE)."""
     from scipy.optimize import minimize  # scipy: only the fit needs it
@@ -953,7 +994,8 @@ def fit_grid(
     def objective(log_s):
         ts = grid_of(log_s)
         with torch.no_grad():
-            x = SAMPLERS[name](counted, noise, ts, schedule, generator=torch.Generator().manual_seed(seed))
+            gen = torch.Generator().manual_seed(seed)
+            x = SAMPLERS[name](counted, noise, ts, schedule, generator=gen, **(options or {}))
             x = _call(counted, x, ts[-1])[0] if final == "denoise" else x
         value = distance(x, reference)
         return value if math.isfinite(value) else 1e30
@@ -966,8 +1008,8 @@ def fit_grid(
     values = [objective(log_s) for log_s in starts]  # few steps of a 2nd-order method can fail from s_max: try lower
     before, log_s = values[0], starts[int(np.argmin(values))]
     for _ in range(rounds):
-        options = {"maxfev": 150 * steps, "xatol": 1e-3, "fatol": 1e-6}
-        log_s = minimize(objective, log_s, method="Nelder-Mead", options=options).x
+        search = {"maxfev": 150 * steps, "xatol": 1e-3, "fatol": 1e-6}
+        log_s = minimize(objective, log_s, method="Nelder-Mead", options=search).x
     ts = grid_of(log_s)
     return ts, {"before": before, "after": objective(log_s), "calls": calls["n"] * len(noise)}
 

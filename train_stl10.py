@@ -62,6 +62,7 @@ SAMPLER: common.choices(*common.SAMPLERS) = "ddpm"  # sampler of the diagnostics
 SAMPLE_STEPS: common.bounds("> 0") = 50  # sampler steps; uniform grid to 0: must divide T_STEPS
 SAMPLE_GRID: common.choices(*common.GRIDS) = "uniform"  # time grid (common.time_grid), snapped to training times
 T_MIN: common.bounds("0..1") = 0.0  # grid end: 0 = t = 0 (uniform only); >= 1 / T_STEPS: then a final denoise
+ANALYTIC_VAR: common.bounds(">= 0") = 0  # ddpm: training images Analytic-DPM's step variance is estimated on; 0 off
 # optim
 BATCH_SIZE: common.bounds("> 0") = 64  # images per optimizer update, across processes and accumulation
 GRAD_ACCUM: common.bounds("> 0") = 2  # micro-batches per optimizer update
@@ -257,6 +258,7 @@ def check_shapes(config):
         steps=config["sample_steps"],
         t_steps=config["t_steps"],
     )
+    check_analytic(config["sampler"], config.get("analytic_var", 0))
     with torch.device("meta"):
         model, shape = build_model(config), config["sample_shape"]
         common.check_fits(sum(p.numel() for p in model.parameters()), f"model={config['model']} size={config['size']}")
@@ -270,6 +272,38 @@ def check_shapes(config):
         except (ValueError, RuntimeError) as e:
             what = f"image_size={config['image_size']}" + (f" (latent {tuple(shape)})" if config["latent"] else "")
             common.die(f"model={config['model']} cannot take {what}: {common.error_detail(e)}")
+
+
+def check_analytic(sampler, n):
+    common.check(
+        n == 0 or sampler == "ddpm",
+        f"analytic_var={n} is for sampler=ddpm (ancestral), not {sampler}; set analytic_var=0",
+    )
+
+
+def analytic_variance(model, config, table, schedule, guidance, x0, labels, batch=64):
+    """ddpm's x0_var (Analytic-DPM, common.x0_variance): the guided denoiser's mean squared error of x0_hat on the
+    model-space images x0 with class ids `labels`, `batch` images per denoiser call."""
+    parts = []  # (images, their x0_variance), one part per batch
+    for i in range(0, len(x0), batch):
+        den = guided_denoiser(model, labels[i : i + batch], config, table, guidance, schedule)
+        parts.append((len(x0[i : i + batch]), common.x0_variance(den, x0[i : i + batch], schedule, seed=i)))
+    return lambda t: sum(n * variance(t) for n, variance in parts) / len(x0)
+
+
+def analytic_images(config, data_dir, n, device, ae=None):
+    """n training images for analytic_variance (all there are, if fewer), taken from the classes in turn, in model
+    space: pixels in [-1, 1], or their scaled latents in a latent run. -> (x0, labels)."""
+    images, labels, _ = load_dataset(data_dir, "train")
+    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(config["n_classes"])]
+    turns = [ix[j] for j in range(max(map(len, per_class))) for ix in per_class if j < len(ix)]
+    idx = torch.tensor(turns[:n])
+    x0 = to_model_range(images[idx], config["image_size"])
+    if ae is not None:
+        import train_vae
+
+        x0 = train_vae.encode(ae, x0, 32, device) * config["latent_space"]["scale"]
+    return x0.to(device), labels[idx].to(device)
 
 
 def make_cond(labels, config, table):
@@ -348,6 +382,10 @@ def diagnostics(ema_model, config, table, schedule, fixed_images, fixed_labels, 
     keep = lambda i, t, x, x0: trajectory.append(x0[::cols][: min(len(rows), 6)]) if i in marks else None
     gen = torch.Generator(device=dev).manual_seed(config["seed"])
     steps, options = config["sample_steps"], sampling_options(config)
+    if config.get("analytic_var", 0) > 0:  # estimated on the fixed images of the reconstruction sweep
+        options["x0_var"] = analytic_variance(
+            ema_model, config, table, schedule, config["guidance"], fixed_images, fixed_labels
+        )
     x = common.sample(config["sampler"], denoise, noise, steps, schedule, generator=gen, callback=keep, **options)
     common.save_image_grid(pixels(x), prefix + "_grid.png", nrow=cols)
     collage = torch.stack(
@@ -514,6 +552,7 @@ EVAL = {  # `python evaluate.py RUN key=value` options for train_stl10 checkpoin
     "SAMPLE_STEPS": -1,  # -1 the checkpoint's
     "GRID": "",  # "" the checkpoint's time grid; one of common.GRIDS
     "T_MIN": -1.0,  # where the grid ends (see T_MIN); -1 the checkpoint's
+    "ANALYTIC_VAR": -1,  # ddpm: training images for the Analytic-DPM variance (ANALYTIC_VAR); 0 off; -1 the checkpoint's
     "BATCH": 50,  # images per sampling / feature batch (deterministic samplers: results do not depend on it)
     "DATA_DIR": "",  # "" the checkpoint's data_dir
     "REAL": "test",  # split of the real images that samples are scored against: test | train
@@ -535,12 +574,15 @@ def check_eval_options(opts, config):
         common.die(f"sample_steps={opts['sample_steps']}: give a positive number of steps, or -1 for the checkpoint's")
     if opts["grid"] and opts["grid"] not in common.GRIDS:
         common.die(f"grid={opts['grid']!r}: choose one of {', '.join(common.GRIDS)}, or leave it empty")
+    if opts["analytic_var"] < -1:
+        common.die(f"analytic_var={opts['analytic_var']}: give a number of images >= 0, or -1 for the checkpoint's")
     if opts["t_min"] != -1 and not 0 <= opts["t_min"] < 1:
         common.die(f"t_min={opts['t_min']}: give 0 <= t_min < 1, or -1 for the checkpoint's")
     steps = opts["sample_steps"] if opts["sample_steps"] > 0 else config["sample_steps"]
     options = sampling_options(config, opts["grid"], opts["t_min"])
     sampler = opts["sampler"] or config["sampler"]
     common.check_sampling(sampler, options["grid"], options["t_min"], steps=steps, t_steps=options["t_steps"])
+    check_analytic(sampler, analytic_count(opts, config, sampler))
     if opts["guidance"] < 0 and opts["guidance"] != -1:
         common.die(f"guidance={opts['guidance']}: give a scale >= 0, or -1 for the checkpoint's")
     if opts["guidance"] != -1 and config["cond"] == "none":
@@ -549,6 +591,14 @@ def check_eval_options(opts, config):
         common.die(f"sampler={opts['sampler']!r}: choose one of {', '.join(common.SAMPLERS)}, or leave it empty")
     if opts["real"] not in ("test", "train"):
         common.die(f"real={opts['real']!r}: choose test or train")
+
+
+def analytic_count(opts, config, sampler):
+    """Training images for ddpm's Analytic-DPM variance in an evaluation: the option, else the checkpoint's (for the
+    checkpoint's sampler; another sampler given without the option gets none)."""
+    if opts["analytic_var"] != -1:
+        return opts["analytic_var"]
+    return config.get("analytic_var", 0) if sampler == config["sampler"] else 0
 
 
 @torch.no_grad()
@@ -593,13 +643,28 @@ def evaluate(model, config, opts, out_dir):
 
         ae = train_vae.attached_autoencoder(opts["checkpoint"], config, device)
     schedule, t0 = common.Schedule(config["schedule"]), time.time()
-    options = sampling_options(config, opts["grid"], opts["t_min"])
+    options, n_var = sampling_options(config, opts["grid"], opts["t_min"]), analytic_count(opts, config, sampler)
+    extra = {}
+    if n_var > 0:
+        x0, labels = analytic_images(config, data_dir, n_var, device, ae)
+        n_var = len(x0)
+        extra["x0_var"] = analytic_variance(model, config, table, schedule, guidance, x0, labels, opts["batch"])
     fake = sample_images(
-        model, config, opts["n_samples"], guidance, sampler, steps, opts["batch"], schedule, table, ae, options
+        model,
+        config,
+        opts["n_samples"],
+        guidance,
+        sampler,
+        steps,
+        opts["batch"],
+        schedule,
+        table,
+        ae,
+        {**options, **extra},
     )
     nfe = common.count_nfe(sampler, common.sample_grid(steps, schedule, **options))
     result = {"n_samples": len(fake), "n_real": len(real), "real": opts["real"], "data_dir": data_dir}
-    result.update(guidance=guidance, sampler=sampler, steps=steps, **options, nfe=nfe)
+    result.update(guidance=guidance, sampler=sampler, steps=steps, **options, analytic_var=n_var, nfe=nfe)
     result.update(sampling_s=round(time.time() - t0, 1))
     sets = {"samples": fake}
     if opts["floor"]:

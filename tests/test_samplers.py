@@ -181,6 +181,73 @@ def test_ddpm_step_is_the_posterior_of_ho_et_al():
     torch.testing.assert_close(out, torch.full_like(out, math.sqrt(ab_s) * x0_value + math.sqrt(1 - ab_s) * eps_hat))
 
 
+GAUSSIAN = common.GaussianMixture(weights=[1.0], means=[[0.5, -1.0]], stds=[0.4])
+
+
+def gaussian_posterior_variance(schedule, t):
+    """Var(x0 | x_t) of GAUSSIAN: s^2 sigma^2 / (alpha^2 s^2 + sigma^2), the same for every x_t."""
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+    s2 = float(GAUSSIAN.s[0]) ** 2
+    return s2 * sigma**2 / (alpha**2 * s2 + sigma**2)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "flow"])
+def test_x0_variance_estimates_the_posterior_variance(schedule):
+    """On Gaussian data the exact denoiser's mean squared error is the posterior variance, whatever x_t."""
+    sch = common.Schedule(schedule)
+    denoise = common.make_denoiser(GAUSSIAN.model(sch, "v"), sch, "v")
+    variance = common.x0_variance(denoise, GAUSSIAN.sample(100_000, torch.Generator().manual_seed(0)), sch)
+    for t in (1.0, 0.9, 0.5, 0.1, 0.01):
+        assert variance(t) == pytest.approx(gaussian_posterior_variance(sch, t), rel=0.02), t
+    assert variance(0.5) == variance(torch.tensor(0.5))  # memoised per time, the same draw of eps
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "flow"])
+def test_analytic_ddpm_is_exact_on_a_gaussian_at_three_steps(schedule):
+    """On Gaussian data every reverse kernel p(x_s | x_t) is Gaussian, with the mean of q(x_s | x_t, x0_hat) and the
+    variance c^2 + k^2 Var(x0 | x_t) (k: x0's coefficient in that mean): so ancestral sampling with the Analytic-DPM
+    variance reaches the exact marginal N(alpha m, alpha^2 s^2 + sigma^2) at t_min in 3 steps on any grid, where DDPM's
+    posterior variance alone (c^2) falls short. Replacing k by alpha_s (x0's weight in x_s, a likely slip) fails it."""
+    sch = common.Schedule(schedule)
+    denoise = common.make_denoiser(GAUSSIAN.model(sch, "v"), sch, "v")
+    noise = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t_min = 0.2
+    alpha, sigma = (float(v) for v in sch.alpha_sigma(torch.tensor(t_min, dtype=torch.float64)))
+    std = math.sqrt(alpha**2 * float(GAUSSIAN.s[0]) ** 2 + sigma**2)
+
+    def draw(x0_var):
+        gen = torch.Generator().manual_seed(2)
+        return common.sample(
+            "ddpm", denoise, noise, 3, sch, gen, grid="logsnr", t_min=t_min, final="none", x0_var=x0_var
+        )
+
+    x = draw(lambda t: gaussian_posterior_variance(sch, t))
+    torch.testing.assert_close(x.mean(0), alpha * GAUSSIAN.mu[0], atol=0.01, rtol=0)
+    assert float(x.std(0).min()) == pytest.approx(std, rel=0.01) and float(x.std(0).max()) == pytest.approx(
+        std, rel=0.01
+    )
+    assert float(draw(None).std(0).max()) < 0.95 * std  # DDPM's posterior variance: 0.6-0.9x the std at 3 steps
+
+
+def test_analytic_ddpm_with_a_wrong_coefficient_fails(monkeypatch):
+    """The exactness test above catches x0's coefficient k replaced by alpha_s."""
+
+    def wrong(x, x0, eps, alpha_s, sigma_s, alpha_t, sigma_t, eta, generator, x0_var=0.0):
+        c2 = eta**2 * max(sigma_t**2 - (alpha_t / alpha_s) ** 2 * sigma_s**2, 0.0) * sigma_s**2 / sigma_t**2
+        var = c2 + alpha_s**2 * x0_var  # the slip: k = alpha_s
+        x = alpha_s * x0 + math.sqrt(max(sigma_s**2 - c2, 0.0)) * eps
+        return x + math.sqrt(var) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+    monkeypatch.setattr(common, "_ancestral_step", wrong)
+    with pytest.raises(AssertionError):
+        test_analytic_ddpm_is_exact_on_a_gaussian_at_three_steps("cosine")
+
+
+def test_x0_var_is_for_ddpm_only():
+    with pytest.raises(SystemExit, match="x0_var .* is for the ddpm sampler, not 'unipc'"):
+        common.sample("unipc", None, torch.zeros(1, 2), 1, common.Schedule(), x0_var=lambda t: 0.0)
+
+
 def fixed_x0_denoiser(schedule, values):
     """A denoiser whose k-th call answers x0 = values[k] (eps follows from x_t), so each update can be written out."""
     calls = []
@@ -541,6 +608,23 @@ def test_fit_grid_fits_ddpm_on_fixed_random_numbers():
         common.sample("ddpm", denoise, fresh, steps, sch, grid="logsnr", t_min=t_min, generator=gen()), reference
     )
     assert fitted < 0.7 * logsnr, f"fitted {fitted:.4g} vs logsnr {logsnr:.4g}"
+
+
+def test_fit_grid_passes_the_sampler_options():
+    """fit_grid's options reach the sampler at every evaluation: ddpm with the Analytic-DPM variance (x0_var) is
+    fitted on its own objective, which differs from plain ddpm's on the same grid and random numbers."""
+    sch = common.Schedule("cosine")
+    denoise = common.make_denoiser(MIXTURE.model(sch, "v"), sch, "v")
+    variance = common.x0_variance(denoise, MIXTURE.sample(2000, torch.Generator().manual_seed(5)), sch)
+    pilot, steps = _mixture_noise(1000, 0), 3
+    seen = []
+    counted = lambda t: seen.append(float(t)) or variance(t)  # noqa: E731
+    kw = dict(rounds=1, seed=3, s_max=10.0)
+    _, analytic = common.fit_grid(
+        "ddpm", denoise, pilot, steps, sch, MIXTURE.squared_error, options={"x0_var": counted}, **kw
+    )
+    _, plain = common.fit_grid("ddpm", denoise, pilot, steps, sch, MIXTURE.squared_error, **kw)
+    assert seen and analytic["before"] != plain["before"] and analytic["after"] <= analytic["before"]
 
 
 def test_fit_grid_starts_from_the_uniform_grid_too():

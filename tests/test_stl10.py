@@ -345,3 +345,35 @@ def test_sampling_grids_train_evaluate_and_bad_values(photo_data, tmp_path):
     for args, needle in ((["grid=karras", "t_min=0"], "t_min >= 1 / t_steps = 0.002"), (["grid=foo"], "grid='foo'")):
         proc = run([sys.executable, "evaluate.py", out, *args], check=False)
         assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def test_analytic_variance_reaches_diagnostics_and_evaluation(photo_data, tmp_path):
+    """analytic_var=N (ddpm's Analytic-DPM variance, estimated on N training images) in training's diagnostics and in
+    evaluate.py, where it is reported; with another sampler, or negative, it stops with one line."""
+    data_dir, _ = photo_data
+    out = str(tmp_path / "run")
+    train(data_dir, out, "max_steps=2", "sample_every=2", "sampler=ddpm", "analytic_var=4")
+    assert os.path.isfile(os.path.join(out, "samples", "step_0000002_grid.png"))
+    args = [sys.executable, "evaluate.py", out, "n_samples=2", "n_real=4", "floor=false"]
+    assert "analytic_var: 4" in run(args).stdout  # the checkpoint's
+    assert "analytic_var: 10" in run(args + ["analytic_var=10"]).stdout  # one image per class
+    assert "analytic_var: 80" in run(args + ["analytic_var=100000"]).stdout  # all 80 training images
+    assert "analytic_var: 0" in run(args + ["analytic_var=0"]).stdout
+    assert "analytic_var: 0" in run(args + ["sampler=ddim"]).stdout  # another sampler: not the checkpoint's setting
+    for extra, needle in ((["sampler=unipc", "analytic_var=3"], "is for sampler=ddpm"), (["analytic_var=-2"], "-2")):
+        proc = run(args + extra, check=False)
+        assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr)
+    proc = run(
+        [
+            sys.executable,
+            "train_stl10.py",
+            f"data_dir={data_dir}",
+            f"out_dir={tmp_path}/bad",
+            "sampler=unipc",
+            "sample_grid=logsnr",
+            "t_min=0.002",
+            "analytic_var=8",
+        ],
+        check=False,
+    )
+    assert proc.returncode == 1 and "is for sampler=ddpm" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
