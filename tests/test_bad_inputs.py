@@ -64,6 +64,9 @@ STL_CASES = [  # (arguments, part of the message)
     (["side=64"], "unknown key 'side'"),
     (["batch_size=3", "grad_accum=2"], "batch_size=3 must divide by processes x grad_accum = 1 x 2"),
     (["resume=auto", "init_from=somewhere"], "not both"),
+    (["analytic_var=-1"], "analytic_var=-1 is out of range; it must be >= 0"),
+    (["analytic_var=2.5"], "analytic_var='2.5': expected int"),
+    (["analytic_var=8", "sampler=heun"], "analytic_var=8 is for sampler=ddpm (ancestral), not heun"),
 ]
 
 
