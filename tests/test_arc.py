@@ -439,8 +439,11 @@ def test_bench_arc_cpu_runs_small(tmp_path):
     r = run([*args, "eval=n_aug=2 steps=2 max_pairs=3", "train=size=tiny eval_every=-1"])
     result = json.load(open(tmp_path / "bench_arc_cpu.json"))
     assert set(result["seeds_results"]) == {"0", "1"} and "size=tiny" in result["recipe"]
+    assert "ttt_steps=1" in result["recipe"]  # the last quarter of the 3 updates, rounded
     for seed in result["seeds_results"].values():
         assert seed["n_pairs"] == 3 and seed["fit_n_pairs"] == 2 and seed["n_aug"] == 2
     assert "pass@2 vote" in r.stdout and "fit (seen)" in r.stdout
     bad = run(["bench.py", "arc_cpu", "train=size", f"out_dir={tmp_path}"], check=False)
     assert bad.returncode == 1 and "give key=value overrides" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run(["bench.py", "arc_cpu", "ttt=1.5", f"out_dir={tmp_path}"], check=False)
+    assert bad.returncode == 1 and "ttt=1.5: give a fraction" in bad.stderr and "Traceback" not in bad.stderr
