@@ -960,9 +960,10 @@ def fit_grid(
     distribution-level one fits better grids (bench.py samplers uses GaussianMixture.squared_error). A stochastic
     sampler (ddpm) needs a distribution-level distance (its output is a draw, not the ODE's solution of the noise);
     every evaluation runs on the same random numbers (a generator seeded `seed`), so that the objective is a
-    deterministic function of the grid; `options` are more keywords of the sampler (ddpm's x0_var). Returns (ts, info): ts the steps + 1 times for sample(..., times=ts); info the
-    distance before (on the logsnr grid from s_max) and after, and `calls`, the denoiser evaluations spent, per sample
-    of the pilot batch times its size (paid once per model, sampler and NFE)."""
+    deterministic function of the grid; `options` are more keywords of the sampler (ddpm's x0_var). Returns (ts, info):
+    ts the steps + 1 times for sample(..., times=ts); info the distance before (on the logsnr grid from s_max) and
+    after, and `calls`, the denoiser evaluations spent, per sample of the pilot batch times its size (paid once per
+    model, sampler and NFE)."""
     from scipy.optimize import minimize  # scipy: only the fit needs it
 
     check(name in SAMPLERS, f"fit_grid: unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

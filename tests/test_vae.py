@@ -180,6 +180,22 @@ def test_latent_stl10_end_to_end(photos, ae_run, tmp_path):
     )
     result = json.load(open(os.path.join(out, "eval.json")))
     assert result["n_samples"] == 4 and result["FD-EffNet"] >= 0
+    # ddpm's Analytic-DPM variance estimated on training images encoded by the autoencoder that travels along
+    ev = run(
+        [
+            sys.executable,
+            "evaluate.py",
+            str(straight),
+            "n_samples=2",
+            "n_real=4",
+            "batch=4",
+            "floor=false",
+            "sample_steps=5",
+            "analytic_var=6",
+            f"out={out}",
+        ]
+    )
+    assert "analytic_var: 6" in ev.stdout
 
 
 def test_latent_cache_reuse_and_invalidation(tmp_path):
